@@ -1,0 +1,235 @@
+"""The `pfnbd` command line: volume management and the server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import trio
+import typer
+
+from . import protocol as p
+from .negotiation import ExportInfo
+from .server import Export, ListenError, Server, open_tcp_listeners, open_unix_listener, remove_socket
+from .store import Store, StoreError, VolumeMeta
+from .volume import EmulatedClient, VolumeBridge, VolumeOpenError
+
+log = logging.getLogger("pfnbd")
+
+DEFAULT_PORT = 10809
+DEFAULT_VOLUME = "default"
+DEFAULT_VOLUME_SIZE = "1G"
+SIZE = re.compile(r"(\d+)([KMGT]?)", re.IGNORECASE)
+SUFFIX_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Serve PureFlash volumes over NBD.",
+)
+volume_app = typer.Typer(no_args_is_help=True, help="Manage the volumes of the embedded cluster.")
+app.add_typer(volume_app, name="volume")
+
+
+# click's UsageError, whether typer vendors click or uses the installed one.
+UsageError = typer.BadParameter.__base__
+
+
+class CliError(Exception):
+    """A mistake of the user's: one line on stderr, exit 1."""
+
+
+def default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(xdg) / "pfnbd"
+
+
+def parse_size(text: str) -> int:
+    """Bytes, or a number with one binary suffix K/M/G/T, as `pfcli -s` takes it."""
+    match = SIZE.fullmatch(text.strip())
+    if not match:
+        raise CliError(f"invalid size {text!r}: give bytes or a number with K, M, G or T")
+    size = int(match[1]) << SUFFIX_SHIFT[match[2].upper()]
+    if size == 0 or size % p.SECTOR:
+        raise CliError(f"invalid size {text!r}: must be a positive multiple of {p.SECTOR} bytes")
+    return size
+
+
+def human_size(size: int) -> str:
+    for suffix, shift in reversed(SUFFIX_SHIFT.items()):
+        if shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {suffix}iB"
+    return f"{size} bytes"
+
+
+def describe(meta: VolumeMeta) -> str:
+    replicas = "replica" if meta.replicas == 1 else "replicas"
+    return f"PureFlash volume {meta.name}, {human_size(meta.size)}, {meta.replicas} {replicas}"
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    data_dir: Annotated[Optional[Path], typer.Option(
+        "--data-dir", envvar="PFNBD_DATA_DIR", show_default="$XDG_DATA_HOME/pfnbd",
+        help="Where the embedded cluster keeps its volumes.")] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")] = 0,
+) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s pfnbd: %(message)s",
+    )
+    ctx.obj = Store(data_dir or default_data_dir())
+
+
+@volume_app.command("create")
+def volume_create(
+    ctx: typer.Context,
+    name: str,
+    size: Annotated[str, typer.Option("--size", "-s", help="Bytes, or with a K/M/G/T suffix.")],
+    replicas: Annotated[int, typer.Option("--replicas", "-r", help="Replica count, 1 to 3.")] = 1,
+) -> None:
+    """Create a volume."""
+    meta = ctx.obj.create(name, parse_size(size), replicas)
+    typer.echo(f"created volume {meta.name}: {human_size(meta.size)}")
+
+
+@volume_app.command("list")
+def volume_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List volumes."""
+    volumes = ctx.obj.list()
+    if as_json:
+        typer.echo(json.dumps([v.to_json() for v in volumes], indent=2))
+        return
+    rows = [("NAME", "SIZE", "REPLICAS", "ID")]
+    rows += [(v.name, human_size(v.size), str(v.replicas), str(v.id)) for v in volumes]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@volume_app.command("info")
+def volume_info(
+    ctx: typer.Context,
+    name: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show one volume."""
+    meta = ctx.obj.get(name)
+    if as_json:
+        typer.echo(json.dumps(meta.to_json(), indent=2))
+        return
+    for key, value in meta.to_json().items():
+        typer.echo(f"{key}: {value}")
+
+
+@volume_app.command("delete")
+def volume_delete(ctx: typer.Context, name: str) -> None:
+    """Delete a volume and its data."""
+    ctx.obj.delete(name)
+    typer.echo(f"deleted volume {name}")
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    volumes: Annotated[Optional[list[str]], typer.Option(
+        "--volume", help=f"Volume to export, by name (repeatable). Default: {DEFAULT_VOLUME!r}, "
+                         f"created with {DEFAULT_VOLUME_SIZE} if missing.")] = None,
+    socket: Annotated[Optional[Path], typer.Option("--socket", "-k", help="Listen on this Unix socket.")] = None,
+    bind: Annotated[Optional[str], typer.Option("--bind", help="TCP address to listen on.")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", "-p", help=f"TCP port [default: {DEFAULT_PORT}].")] = None,
+    read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse every write.")] = False,
+) -> None:
+    """Serve volumes over NBD until SIGTERM or SIGINT."""
+    store: Store = ctx.obj
+    if socket is not None and (bind is not None or port is not None):
+        raise CliError("--socket cannot be combined with --bind or --port")
+    if port is not None and not 0 < port < 65536:
+        raise CliError(f"invalid port {port}")
+    names = volumes or [DEFAULT_VOLUME]
+    if len(set(names)) != len(names):
+        raise CliError("a volume is named twice in --volume")
+    if not volumes and DEFAULT_VOLUME not in {v.name for v in store.list()}:
+        store.create(DEFAULT_VOLUME, parse_size(DEFAULT_VOLUME_SIZE))
+        log.info("created volume %s (%s)", DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE)
+    metas = [store.get(name) for name in names]  # fails early on a missing volume
+    trio.run(_serve, store, metas, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only)
+
+
+def export_flags(read_only: bool) -> p.TransmissionFlags:
+    flags = (
+        p.TransmissionFlags.HAS_FLAGS | p.TransmissionFlags.SEND_FLUSH | p.TransmissionFlags.SEND_FUA
+        | p.TransmissionFlags.SEND_TRIM | p.TransmissionFlags.SEND_WRITE_ZEROES
+        | p.TransmissionFlags.SEND_FAST_ZERO | p.TransmissionFlags.SEND_CACHE
+        | p.TransmissionFlags.CAN_MULTI_CONN  # one bridge per volume serves every connection
+    )
+    return flags | p.TransmissionFlags.READ_ONLY if read_only else flags
+
+
+async def _serve(
+    store: Store, metas: list[VolumeMeta], socket: Path | None, bind: str, port: int, read_only: bool
+) -> None:
+    client = EmulatedClient(store)
+    bridges: list[VolumeBridge] = []
+    socket_created = False
+    try:
+        exports = []
+        for meta in metas:
+            bridge = VolumeBridge(client.open_volume(meta.name))
+            bridges.append(bridge)
+            export_read_only = read_only or bridge.backend.read_only
+            info = ExportInfo(meta.name, describe(meta), bridge.size, export_flags(export_read_only))
+            exports.append(Export(info, bridge, export_read_only))
+        if socket is not None:
+            listeners = [await open_unix_listener(socket)]
+            socket_created = True
+            where = f"unix:{socket}"
+        else:
+            listeners = await open_tcp_listeners(port, bind)
+            where = f"{bind}:{port}"
+        server = Server(exports)
+        shutdown = trio.Event()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run, listeners, shutdown)
+                log.info("serving %s on %s", ", ".join(m.name for m in metas), where)
+                async for signum in signals:
+                    log.info("%s: finishing requests in flight, then exiting",
+                             signal.Signals(signum).name)
+                    shutdown.set()
+                    break
+    finally:
+        for bridge in bridges:
+            bridge.close()
+        if socket_created:
+            remove_socket(socket)
+
+
+def main() -> None:
+    """Entry point: user mistakes end in one line on stderr, never a traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as error:
+        _fail(error.format_message(), 2)
+    except typer.Abort:
+        _fail("aborted", 130)
+    except (CliError, StoreError, ListenError, VolumeOpenError) as error:
+        _fail(str(error), 1)
+    except OSError as error:
+        _fail(f"{error.filename + ': ' if error.filename else ''}{error.strerror or error}", 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"pfnbd: error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,318 @@
+"""Fixed-newstyle negotiation: option haggling as a state machine, and its I/O driver.
+
+`Negotiation` never touches a socket (as h11 does for HTTP): it takes the client's
+flags and options as bytes and answers with the bytes to send, so tests and fuzzers
+drive it directly.  `negotiate()` is the thin trio driver that feeds it.
+
+The states read as a table: AWAIT_CLIENT_FLAGS -> OPTIONS -> TRANSMISSION, or CLOSED
+when either side ends the haggling.  A client that breaks a MUST of the spec raises
+`RemoteProtocolError` (the connection is dropped); everything else gets the option
+reply the spec prescribes and negotiation goes on.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+
+import attrs
+import construct
+import trio
+
+from . import protocol as p
+from .streams import Receiver
+
+log = logging.getLogger(__name__)
+
+# Resource limits a client cannot get around.
+MAX_OPTION_LENGTH = 64 * 1024  # our options carry a name and a few queries
+MAX_OPTIONS = 512  # per handshake: enough for nbdinfo --list over many exports
+META_CONTEXT_ID = {p.BASE_ALLOCATION: 1}
+
+
+class RemoteProtocolError(Exception):
+    """The client broke a rule that the spec answers with a disconnect."""
+
+
+class State(enum.Enum):
+    AWAIT_CLIENT_FLAGS = enum.auto()
+    OPTIONS = enum.auto()
+    TRANSMISSION = enum.auto()
+    CLOSED = enum.auto()
+
+
+@attrs.frozen
+class BlockSizes:
+    minimum: int = 512
+    preferred: int = 4096
+    maximum: int = 32 * 1024 * 1024
+
+
+@attrs.frozen
+class ExportInfo:
+    """What negotiation tells a client about one export."""
+
+    name: str
+    description: str
+    size: int
+    flags: p.TransmissionFlags  # SEND_DF is added once structured replies are agreed
+    block_sizes: BlockSizes = BlockSizes()
+
+
+@attrs.frozen
+class Agreement:
+    """What the two sides settled on, handed to the transmission phase."""
+
+    export: ExportInfo
+    structured_replies: bool
+    meta_contexts: dict[int, str]  # context id -> name
+
+
+@attrs.frozen
+class OptionOutcome:
+    replies: list[bytes]
+    agreement: Agreement | None = None  # set when negotiation ended in transmission
+    close: bool = False  # set when the connection ends after the replies
+
+
+def option_reply(option: int, reply: p.OptionReply, payload: bytes = b"") -> bytes:
+    header = p.option_reply_header.build(
+        dict(option=option, type=reply, length=len(payload))
+    )
+    return header + payload
+
+
+def option_error(option: int, reply: p.OptionReply, message: str) -> bytes:
+    return option_reply(option, reply, message.encode())
+
+
+class Negotiation:
+    """The server's side of one handshake."""
+
+    def __init__(self, exports: Sequence[ExportInfo]) -> None:
+        self._exports = {export.name: export for export in exports}
+        # The empty name selects the default export (the first one), as in qemu-nbd.
+        self._default = exports[0] if exports else None
+        self.state = State.AWAIT_CLIENT_FLAGS
+        self.no_zeroes = False
+        self.structured_replies = False
+        self._meta_contexts: dict[int, str] = {}
+        self._meta_context_export: str | None = None
+        self.options_seen = 0
+
+    @staticmethod
+    def greeting() -> bytes:
+        return p.greeting.build(
+            dict(flags=p.HandshakeFlags.FIXED_NEWSTYLE | p.HandshakeFlags.NO_ZEROES)
+        )
+
+    def receive_client_flags(self, data: bytes) -> None:
+        self._expect(State.AWAIT_CLIENT_FLAGS)
+        flags = p.client_flags.parse(data).flags
+        known = p.ClientFlags.FIXED_NEWSTYLE | p.ClientFlags.NO_ZEROES
+        if flags & ~known:
+            raise RemoteProtocolError(f"unknown client flags {flags:#x}")
+        if not flags & p.ClientFlags.FIXED_NEWSTYLE:
+            # Plain newstyle would need EXPORT_NAME-only haggling; every client we
+            # serve speaks fixed newstyle, and the spec lets a server insist.
+            raise RemoteProtocolError("client does not speak fixed newstyle")
+        self.no_zeroes = bool(flags & p.ClientFlags.NO_ZEROES)
+        self.state = State.OPTIONS
+
+    def receive_option(self, option: int, data: bytes) -> OptionOutcome:
+        self._expect(State.OPTIONS)
+        self.options_seen += 1
+        if self.options_seen > MAX_OPTIONS:
+            raise RemoteProtocolError(f"more than {MAX_OPTIONS} options")
+        handler = self._handlers.get(option)
+        if handler is None:
+            return OptionOutcome(
+                [option_error(option, p.OptionReply.ERR_UNSUP, f"option {option} is not supported")]
+            )
+        outcome = handler(self, option, data)
+        if outcome.agreement is not None:
+            self.state = State.TRANSMISSION
+        elif outcome.close:
+            self.state = State.CLOSED
+        return outcome
+
+    def receive_oversized_option(self, option: int) -> OptionOutcome:
+        """The client announced more option data than we accept; it was discarded."""
+        return OptionOutcome(
+            [option_error(option, p.OptionReply.ERR_TOO_BIG, "option data too long")]
+        )
+
+    # -- option handlers --------------------------------------------------
+
+    def _export_name(self, option: int, data: bytes) -> OptionOutcome:
+        try:
+            export = self._lookup(data.decode())
+        except UnicodeDecodeError:
+            export = None
+        if export is None:
+            # The spec leaves no error reply for EXPORT_NAME: disconnect.
+            log.info("client asked for unknown export %r", data[:100])
+            return OptionOutcome([], close=True)
+        reply = p.export_name_reply.build(
+            dict(size=export.size, flags=self._flags(export)), padded=not self.no_zeroes
+        )
+        return OptionOutcome([reply], agreement=self._agree(export))
+
+    def _abort(self, option: int, data: bytes) -> OptionOutcome:
+        return OptionOutcome([option_reply(option, p.OptionReply.ACK)], close=True)
+
+    def _list(self, option: int, data: bytes) -> OptionOutcome:
+        if data:
+            return self._invalid(option, "NBD_OPT_LIST carries no data")
+        replies = [
+            option_reply(
+                option,
+                p.OptionReply.SERVER,
+                p.server_reply.build(dict(name=e.name, description=e.description)),
+            )
+            for e in self._exports.values()
+        ]
+        return OptionOutcome([*replies, option_reply(option, p.OptionReply.ACK)])
+
+    def _info_or_go(self, option: int, data: bytes) -> OptionOutcome:
+        try:
+            request = p.info_request.parse(data)
+        except (construct.ConstructError, UnicodeDecodeError):
+            return self._invalid(option, "malformed NBD_OPT_INFO/GO request")
+        export = self._lookup(request.name)
+        if export is None:
+            return OptionOutcome(
+                [option_error(option, p.OptionReply.ERR_UNKNOWN, f"no export named {request.name!r}")]
+            )
+        infos = [dict(type=p.Info.EXPORT, info=dict(size=export.size, flags=self._flags(export)))]
+        sizes = export.block_sizes
+        # Block sizes go out whether asked for or not, as qemu-nbd does: a client
+        # that ignores them is still served (unaligned requests work).
+        infos.append(
+            dict(
+                type=p.Info.BLOCK_SIZE,
+                info=dict(minimum=sizes.minimum, preferred=sizes.preferred, maximum=sizes.maximum),
+            )
+        )
+        if p.Info.NAME in request.requests:
+            infos.append(dict(type=p.Info.NAME, info=dict(name=export.name)))
+        if p.Info.DESCRIPTION in request.requests and export.description:
+            infos.append(dict(type=p.Info.DESCRIPTION, info=dict(description=export.description)))
+        replies = [option_reply(option, p.OptionReply.INFO, p.info_reply.build(i)) for i in infos]
+        replies.append(option_reply(option, p.OptionReply.ACK))
+        if option == p.Option.GO:
+            return OptionOutcome(replies, agreement=self._agree(export))
+        return OptionOutcome(replies)
+
+    def _structured_reply(self, option: int, data: bytes) -> OptionOutcome:
+        if data:
+            return self._invalid(option, "NBD_OPT_STRUCTURED_REPLY carries no data")
+        self.structured_replies = True
+        return OptionOutcome([option_reply(option, p.OptionReply.ACK)])
+
+    def _meta_context(self, option: int, data: bytes) -> OptionOutcome:
+        setting = option == p.Option.SET_META_CONTEXT
+        if setting:
+            # A SET replaces every earlier selection, even when it fails.
+            self._meta_contexts = {}
+            self._meta_context_export = None
+        if not self.structured_replies:
+            return self._invalid(option, "negotiate structured replies first")
+        try:
+            request = p.meta_context_request.parse(data)
+        except (construct.ConstructError, UnicodeDecodeError):
+            return self._invalid(option, "malformed meta context request")
+        export = self._lookup(request.name)
+        if export is None:
+            return OptionOutcome(
+                [option_error(option, p.OptionReply.ERR_UNKNOWN, f"no export named {request.name!r}")]
+            )
+        if request.queries:
+            matched = {name for query in request.queries for name in _matching_contexts(query, setting)}
+        else:
+            matched = set() if setting else set(META_CONTEXT_ID)
+        replies = []
+        for name in sorted(matched):
+            context_id = META_CONTEXT_ID[name] if setting else 0
+            replies.append(
+                option_reply(
+                    option,
+                    p.OptionReply.META_CONTEXT,
+                    p.meta_context_reply.build(dict(context_id=context_id, name=name)),
+                )
+            )
+        if setting:
+            self._meta_contexts = {META_CONTEXT_ID[name]: name for name in matched}
+            self._meta_context_export = export.name
+        return OptionOutcome([*replies, option_reply(option, p.OptionReply.ACK)])
+
+    _handlers = {
+        p.Option.EXPORT_NAME: _export_name,
+        p.Option.ABORT: _abort,
+        p.Option.LIST: _list,
+        p.Option.INFO: _info_or_go,
+        p.Option.GO: _info_or_go,
+        p.Option.STRUCTURED_REPLY: _structured_reply,
+        p.Option.LIST_META_CONTEXT: _meta_context,
+        p.Option.SET_META_CONTEXT: _meta_context,
+    }
+
+    # -- helpers ----------------------------------------------------------
+
+    def _expect(self, state: State) -> None:
+        if self.state is not state:
+            raise RuntimeError(f"negotiation is in state {self.state.name}, not {state.name}")
+
+    def _lookup(self, name: str) -> ExportInfo | None:
+        return self._default if name == "" else self._exports.get(name)
+
+    def _flags(self, export: ExportInfo) -> p.TransmissionFlags:
+        # DF must stay clear unless structured replies were negotiated.
+        return export.flags | (p.TransmissionFlags.SEND_DF if self.structured_replies else 0)
+
+    def _agree(self, export: ExportInfo) -> Agreement:
+        contexts = self._meta_contexts if self._meta_context_export == export.name else {}
+        return Agreement(export, self.structured_replies, dict(contexts))
+
+    @staticmethod
+    def _invalid(option: int, message: str) -> OptionOutcome:
+        return OptionOutcome([option_error(option, p.OptionReply.ERR_INVALID, message)])
+
+
+def _matching_contexts(query: str, setting: bool) -> list[str]:
+    """Contexts a query names: `base:` is a wildcard for LIST only."""
+    if query in META_CONTEXT_ID:
+        return [query]
+    if query == "base:" and not setting:
+        return [name for name in META_CONTEXT_ID if name.startswith("base:")]
+    return []  # unknown namespaces and leaves are ignored, as the spec requires
+
+
+async def negotiate(
+    stream: trio.abc.SendStream, receiver: Receiver, negotiation: Negotiation
+) -> Agreement | None:
+    """Run the handshake on a connection; None when it ended without transmission."""
+    await stream.send_all(negotiation.greeting())
+    negotiation.receive_client_flags(await receiver.receive_exactly(p.client_flags.sizeof()))
+    while True:
+        header = p.option_header.parse(await receiver.receive_exactly(p.option_header.sizeof()))
+        if header.magic != p.IHAVEOPT:
+            raise RemoteProtocolError(f"bad option magic {header.magic:#x}")
+        if header.length > MAX_OPTION_LENGTH:
+            if header.option == p.Option.EXPORT_NAME:
+                raise RemoteProtocolError("export name too long")
+            await receiver.discard(header.length)
+            outcome = negotiation.receive_oversized_option(header.option)
+        else:
+            data = await receiver.receive_exactly(header.length)
+            outcome = negotiation.receive_option(header.option, data)
+        try:
+            for reply in outcome.replies:
+                await stream.send_all(reply)
+        except trio.BrokenResourceError:
+            if not outcome.close:
+                raise
+            # A client that sent ABORT may close without reading our ACK.
+        if outcome.agreement is not None or outcome.close:
+            return outcome.agreement

@@ -1,0 +1,456 @@
+"""PureFlash volumes for the NBD layer: the client-library emulation and the bridge.
+
+Two halves, one narrow interface between them (`VolumeBackend`):
+
+* `EmulatedClient` / `EmulatedVolume` behave like PureFlash's `libs5common` against a
+  cluster embedded in the data directory: submits of 512-aligned chunks of at most
+  128 KiB, `-EAGAIN` once `2 * io_depth` are in flight, write data copied at submit,
+  and completion callbacks delivered on the volume's own thread (`vol_proc`), never
+  the submitter's.  `pureflash.py` binds the real library to the same interface.
+
+* `VolumeBridge` turns NBD requests into such submits from trio: it splits a request
+  into chunks, submits them all, retries `-EAGAIN` with backoff, and parks the
+  requesting task until the last callback.  Callbacks cross into trio only through
+  `TrioToken.run_sync_soon`, in batches (the trio form of QEMU's pfbd bottom half).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import attrs
+import trio
+
+from .store import Extent, Image, Store
+
+log = logging.getLogger(__name__)
+
+# The client library's constants (pf_client_api.h).
+PF_MAX_IO_DEPTH = 255
+PF_MAX_IO_SIZE = 128 << 10
+S5_LIB_VER = 0x00010000
+DEFAULT_IO_DEPTH = 120
+SECTOR = 512
+
+IoHandler = Callable[[object, int], None]  # ulp_io_handler(cbk_arg, complete_status)
+
+
+class VolumeOpenError(Exception):
+    pass
+
+
+class VolumeBackend(Protocol):
+    """An open PureFlash volume: the C API's calls plus what the cluster can tell.
+
+    `iov_submit` is `pf_iov_submit`.  The rest are what the NBD layer needs beyond it,
+    each with a meaning the real library can honour:
+    `can_discard`/`discard_submit` release space (the real library has no such call,
+    so it says no and the bridge writes zeros); `allocation` reports what was never
+    written (the real library reports everything allocated); `flush` makes completed
+    writes durable (a no-op for the real library: an acknowledged write is already
+    on its replicas).
+    """
+
+    size: int
+    read_only: bool
+    can_discard: bool
+
+    def iov_submit(
+        self, iov: Sequence[memoryview], length: int, offset: int,
+        callback: IoHandler, cbk_arg: object, is_write: bool,
+    ) -> int: ...
+
+    def discard_submit(self, offset: int, length: int, callback: IoHandler, cbk_arg: object) -> int: ...
+
+    def allocation(self, offset: int, length: int) -> Iterator[Extent]: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------
+# The emulated client library.
+
+
+@attrs.frozen
+class _Io:
+    kind: str  # "read", "write" or "discard"
+    offset: int
+    length: int
+    buffers: Sequence[memoryview] | bytes
+    callback: IoHandler
+    cbk_arg: object
+
+
+class EmulatedClient:
+    """`pf_open_volume` against the embedded cluster in a data directory."""
+
+    def __init__(self, store: Store, io_depth: int = DEFAULT_IO_DEPTH) -> None:
+        self.store = store
+        self.io_depth = io_depth
+
+    def open_volume(self, name: str, snap: str | None = None, lib_ver: int = S5_LIB_VER) -> EmulatedVolume:
+        if lib_ver != S5_LIB_VER:
+            raise VolumeOpenError(f"library version {lib_ver:#x} is not {S5_LIB_VER:#x}")
+        if not 0 < self.io_depth <= PF_MAX_IO_DEPTH:
+            raise VolumeOpenError(f"io_depth must be 1..{PF_MAX_IO_DEPTH}")
+        if snap is not None:
+            raise VolumeOpenError("snapshots are not supported yet")
+        return EmulatedVolume(self.store.open_image(name, writable=True), name, self.io_depth)
+
+
+class EmulatedVolume:
+    can_discard = True
+
+    def __init__(self, image: Image, name: str, io_depth: int) -> None:
+        self._image = image
+        self.name = name
+        self.size = image.size
+        self.read_only = not image.writable
+        self._pool_size = 2 * io_depth
+        self._in_flight = 0
+        self._pool_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Io | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._vol_proc, name=f"vol_proc:{name}", daemon=True)
+        self._thread.start()
+
+    # -- the submitting side (any thread) ---------------------------------
+
+    def iov_submit(
+        self, iov: Sequence[memoryview], length: int, offset: int,
+        callback: IoHandler, cbk_arg: object, is_write: bool,
+    ) -> int:
+        if offset % SECTOR or length % SECTOR or length > PF_MAX_IO_SIZE:
+            return -errno.EINVAL
+        if is_write and self.read_only:
+            return -errno.EROFS
+        if not self._take_slot():
+            return -errno.EAGAIN
+        # Write data is the library's own copy from here on; reads land in `iov`.
+        buffers = b"".join(iov) if is_write else iov
+        self._queue.put(_Io("write" if is_write else "read", offset, length, buffers, callback, cbk_arg))
+        return 0
+
+    def discard_submit(self, offset: int, length: int, callback: IoHandler, cbk_arg: object) -> int:
+        if offset % SECTOR or length % SECTOR:
+            return -errno.EINVAL
+        if self.read_only:
+            return -errno.EROFS
+        if not self._take_slot():
+            return -errno.EAGAIN
+        self._queue.put(_Io("discard", offset, length, b"", callback, cbk_arg))
+        return 0
+
+    def _take_slot(self) -> bool:
+        with self._pool_lock:
+            if self._in_flight >= self._pool_size:
+                return False
+            self._in_flight += 1
+            return True
+
+    def allocation(self, offset: int, length: int) -> Iterator[Extent]:
+        return self._image.extents(offset, length)
+
+    def flush(self) -> None:
+        self._image.sync()
+
+    def close(self) -> None:
+        """Waits for every in-flight I/O, like `pf_close_volume`."""
+        self._queue.put(None)
+        self._thread.join()
+        self._image.close()
+
+    # -- vol_proc: the volume's own thread --------------------------------
+
+    def _vol_proc(self) -> None:
+        while (io := self._queue.get()) is not None:
+            status = self._execute(io)
+            with self._pool_lock:
+                self._in_flight -= 1
+            io.callback(io.cbk_arg, status)
+
+    def _execute(self, io: _Io) -> int:
+        try:
+            if io.kind == "read":
+                done = self._image.readv(io.buffers, io.offset)
+                if done < io.length:  # past the end of the image file: zeros
+                    _zero_tail(io.buffers, done)
+            elif io.kind == "write":
+                self._image.writev([io.buffers], io.offset)
+            else:
+                self._image.punch_hole(io.offset, io.length)
+        except OSError as error:
+            log.error("volume %s: %s at offset %d failed: %s", self.name, io.kind, io.offset, error)
+            return -(error.errno or errno.EIO)
+        return 0
+
+
+def _zero_tail(buffers: Sequence[memoryview], start: int) -> None:
+    position = 0
+    for buffer in buffers:
+        end = position + len(buffer)
+        if end > start:
+            cut = max(0, start - position)
+            buffer[cut:] = bytes(len(buffer) - cut)
+        position = end
+
+
+# ---------------------------------------------------------------------------
+# The bridge from trio to a backend.
+
+
+class VolumeIOError(Exception):
+    """A submit or completion failed; `errno` is a positive host errno."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        # Positive statuses are PureFlash message statuses (0xC3 connection lost...).
+        self.errno = -status if status < 0 else errno.EIO
+        super().__init__(f"PureFlash I/O failed with status {status:#x}" if status > 0
+                         else f"PureFlash I/O failed: {errno.errorcode.get(-status, -status)}")
+
+
+class _Batch:
+    """The submits of one request: the task parks until the last one completes."""
+
+    __slots__ = ("task", "outstanding", "status")
+
+    def __init__(self) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.outstanding = 1  # the submitter's own hold, dropped once all are submitted
+        self.status = 0
+
+    def complete(self, status: int) -> None:
+        if status and not self.status:
+            self.status = status
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            trio.lowlevel.reschedule(self.task)
+
+
+class _CompletionInbox:
+    """Carries callbacks from the library's thread into trio, a batch per wake-up."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._lock = threading.Lock()
+        self._pending: deque[tuple[_Batch, int]] = deque()
+
+    def callback(self, batch: object, status: int) -> None:  # runs on vol_proc
+        with self._lock:
+            self._pending.append((batch, status))
+            first = len(self._pending) == 1
+        if first:
+            self._token.run_sync_soon(self._deliver)
+
+    def _deliver(self) -> None:  # runs in trio
+        with self._lock:
+            pending, self._pending = self._pending, deque()
+        for batch, status in pending:
+            batch.complete(status)
+
+
+class RangeLock:
+    """Serialises mutations whose sector-aligned spans overlap.
+
+    A write that is not sector-aligned is a read-modify-write of its edge sectors; any
+    other mutation of those sectors in between would be lost, so they wait.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, int]] = []
+        self._released = trio.lowlevel.ParkingLot()
+
+    @asynccontextmanager
+    async def hold(self, start: int, end: int):
+        while any(s < end and start < e for s, e in self._held):
+            await self._released.park()
+        span = (start, end)
+        self._held.append(span)
+        try:
+            yield
+        finally:
+            self._held.remove(span)
+            self._released.unpark_all()
+
+
+ZEROES = memoryview(bytes(PF_MAX_IO_SIZE))
+EAGAIN_FIRST_DELAY = 50e-6
+EAGAIN_MAX_DELAY = 10e-3
+DISCARD_CHUNK = 1 << 30
+
+
+def align_down(n: int) -> int:
+    return n - n % SECTOR
+
+
+def align_up(n: int) -> int:
+    return align_down(n + SECTOR - 1)
+
+
+def chunk_buffers(buffers: Sequence[memoryview], limit: int) -> Iterator[list[memoryview]]:
+    """Regroups buffers into lists of at most `limit` bytes, views only, no copies."""
+    chunk: list[memoryview] = []
+    room = limit
+    for buffer in buffers:
+        while buffer:
+            piece, buffer = buffer[:room], buffer[room:]
+            chunk.append(piece)
+            room -= len(piece)
+            if room == 0:
+                yield chunk
+                chunk, room = [], limit
+    if chunk:
+        yield chunk
+
+
+class VolumeBridge:
+    """NBD-shaped operations on a backend volume, for trio tasks.
+
+    Offsets and lengths are in bytes and need no alignment; bounds are the caller's
+    to check (the library does not).  Errors raise `VolumeIOError`.
+    """
+
+    def __init__(self, backend: VolumeBackend) -> None:
+        self.backend = backend
+        self.size = backend.size
+        self._inbox = _CompletionInbox(trio.lowlevel.current_trio_token())
+        self._mutations = RangeLock()
+
+    # -- submitting -------------------------------------------------------
+
+    async def _submit_all(self, submits: Iterator[Callable[[IoHandler, _Batch], int]]) -> None:
+        batch = _Batch()
+        # The library owns our buffers until every callback: never abandon a batch.
+        with trio.CancelScope(shield=True):
+            for submit in submits:
+                delay = EAGAIN_FIRST_DELAY
+                while (status := submit(self._inbox.callback, batch)) == -errno.EAGAIN:
+                    await trio.sleep(delay)
+                    delay = min(2 * delay, EAGAIN_MAX_DELAY)
+                if status:
+                    batch.status = batch.status or status
+                    break
+                batch.outstanding += 1
+            batch.outstanding -= 1
+            if batch.outstanding:
+                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        if batch.status:
+            raise VolumeIOError(batch.status)
+
+    async def _transfer(self, offset: int, buffers: Sequence[memoryview], is_write: bool) -> None:
+        """Reads into or writes from `buffers` at an aligned offset, 128 KiB a submit."""
+
+        def submits():
+            position = offset
+            for iov in chunk_buffers(buffers, PF_MAX_IO_SIZE):
+                length = sum(map(len, iov))
+                yield lambda cb, batch, iov=iov, length=length, at=position: (
+                    self.backend.iov_submit(iov, length, at, cb, batch, is_write)
+                )
+                position += length
+
+        await self._submit_all(submits())
+
+    async def _discard(self, offset: int, length: int) -> None:
+        def submits():
+            for start in range(offset, offset + length, DISCARD_CHUNK):
+                size = min(DISCARD_CHUNK, offset + length - start)
+                yield lambda cb, batch, start=start, size=size: (
+                    self.backend.discard_submit(start, size, cb, batch)
+                )
+
+        await self._submit_all(submits())
+
+    # -- NBD-shaped operations --------------------------------------------
+
+    async def read(self, offset: int, length: int) -> memoryview:
+        start, end = align_down(offset), align_up(offset + length)
+        buffer = memoryview(bytearray(end - start))
+        await self._transfer(start, [buffer], is_write=False)
+        return buffer[offset - start : offset - start + length]
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        start, end = align_down(offset), align_up(offset + len(data))
+        async with self._mutations.hold(start, end):
+            await self._write_locked(offset, [data])
+        if fua:
+            await self.flush()
+
+    async def _write_locked(self, offset: int, buffers: list[memoryview]) -> None:
+        """Writes at any offset: partial edge sectors are read, merged and rewritten."""
+        length = sum(map(len, buffers))
+        start, end = align_down(offset), align_up(offset + length)
+        if offset > start:
+            head = await self.read(start, SECTOR)
+            buffers = [head[: offset - start], *buffers]
+        if offset + length < end:
+            tail = await self.read(end - SECTOR, SECTOR)
+            buffers = [*buffers, tail[SECTOR - (end - offset - length) :]]
+        await self._transfer(start, buffers, is_write=True)
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
+        """Zeroes a range; with `may_trim`, whole sectors may be released instead."""
+        start, end = align_down(offset), align_up(offset + length)
+        async with self._mutations.hold(start, end):
+            if not (may_trim and self.backend.can_discard):
+                await self._write_zeroes_locked(offset, length, skip_holes=may_trim)
+            else:
+                inner_start, inner_end = align_up(offset), align_down(offset + length)
+                if inner_start >= inner_end:  # inside one sector
+                    await self._write_zeroes_locked(offset, length, skip_holes=False)
+                else:
+                    await self._write_zeroes_locked(offset, inner_start - offset, skip_holes=False)
+                    await self._discard(inner_start, inner_end - inner_start)
+                    await self._write_zeroes_locked(inner_end, offset + length - inner_end, skip_holes=False)
+        if fua:
+            await self.flush()
+
+    async def _write_zeroes_locked(self, offset: int, length: int, skip_holes: bool) -> None:
+        if length == 0:
+            return
+        # With the range locked nothing can fill a hole under us, so holes, which
+        # already read as zeros, need no writing.
+        extents = self.backend.allocation(offset, length) if skip_holes else [Extent(offset, length, True)]
+        for extent in extents:
+            if extent.allocated:
+                count, rest = divmod(extent.length, PF_MAX_IO_SIZE)
+                buffers = [ZEROES] * count + ([ZEROES[:rest]] if rest else [])
+                await self._write_locked(extent.offset, buffers)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Releases the whole sectors of a range; trimmed space reads back as zeros."""
+        inner_start, inner_end = align_up(offset), align_down(offset + length)
+        if inner_start < inner_end:
+            await self.write_zeroes(inner_start, inner_end - inner_start, may_trim=True, fua=fua)
+
+    def can_fast_zero(self, may_trim: bool) -> bool:
+        return may_trim and self.backend.can_discard
+
+    async def flush(self) -> None:
+        await trio.to_thread.run_sync(self.backend.flush)
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch: read the range and drop it, a chunk at a time."""
+        for start in range(offset, offset + length, PF_MAX_IO_SIZE * 64):
+            await self.read(start, min(PF_MAX_IO_SIZE * 64, offset + length - start))
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        return self.backend.allocation(offset, length)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+__all__ = [
+    "EmulatedClient", "EmulatedVolume", "VolumeBackend", "VolumeBridge", "VolumeIOError",
+    "VolumeOpenError", "PF_MAX_IO_SIZE", "S5_LIB_VER", "chunk_buffers"
+]
