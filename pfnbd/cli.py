@@ -15,10 +15,9 @@ import trio
 import typer
 
 from . import protocol as p
-from .negotiation import ExportInfo
-from .server import Export, ListenError, Server, open_tcp_listeners, open_unix_listener, remove_socket
-from .store import Store, StoreError, VolumeMeta
-from .volume import EmulatedClient, VolumeBridge, VolumeOpenError
+from .server import ListenError, Server, open_exports, open_tcp_listeners, open_unix_listener, remove_socket
+from .store import SUFFIX_SHIFT, Store, StoreError, VolumeMeta, human_size
+from .volume import EmulatedClient, VolumeOpenError
 
 log = logging.getLogger("pfnbd")
 
@@ -26,7 +25,6 @@ DEFAULT_PORT = 10809
 DEFAULT_VOLUME = "default"
 DEFAULT_VOLUME_SIZE = "1G"
 SIZE = re.compile(r"(\d+)([KMGT]?)", re.IGNORECASE)
-SUFFIX_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -58,18 +56,6 @@ def parse_size(text: str) -> int:
     if size == 0 or size % p.SECTOR:
         raise CliError(f"invalid size {text!r}: must be a positive multiple of {p.SECTOR} bytes")
     return size
-
-
-def human_size(size: int) -> str:
-    for suffix, shift in reversed(SUFFIX_SHIFT.items()):
-        if shift and size % (1 << shift) == 0:
-            return f"{size >> shift} {suffix}iB"
-    return f"{size} bytes"
-
-
-def describe(meta: VolumeMeta) -> str:
-    replicas = "replica" if meta.replicas == 1 else "replicas"
-    return f"PureFlash volume {meta.name}, {human_size(meta.size)}, {meta.replicas} {replicas}"
 
 
 @app.callback()
@@ -166,53 +152,33 @@ def serve(
     trio.run(_serve, store, metas, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only)
 
 
-def export_flags(read_only: bool) -> p.TransmissionFlags:
-    flags = (
-        p.TransmissionFlags.HAS_FLAGS | p.TransmissionFlags.SEND_FLUSH | p.TransmissionFlags.SEND_FUA
-        | p.TransmissionFlags.SEND_TRIM | p.TransmissionFlags.SEND_WRITE_ZEROES
-        | p.TransmissionFlags.SEND_FAST_ZERO | p.TransmissionFlags.SEND_CACHE
-        | p.TransmissionFlags.CAN_MULTI_CONN  # one bridge per volume serves every connection
-    )
-    return flags | p.TransmissionFlags.READ_ONLY if read_only else flags
-
-
 async def _serve(
     store: Store, metas: list[VolumeMeta], socket: Path | None, bind: str, port: int, read_only: bool
 ) -> None:
-    client = EmulatedClient(store)
-    bridges: list[VolumeBridge] = []
     socket_created = False
-    try:
-        exports = []
-        for meta in metas:
-            bridge = VolumeBridge(client.open_volume(meta.name))
-            bridges.append(bridge)
-            export_read_only = read_only or bridge.backend.read_only
-            info = ExportInfo(meta.name, describe(meta), bridge.size, export_flags(export_read_only))
-            exports.append(Export(info, bridge, export_read_only))
-        if socket is not None:
-            listeners = [await open_unix_listener(socket)]
-            socket_created = True
-            where = f"unix:{socket}"
-        else:
-            listeners = await open_tcp_listeners(port, bind)
-            where = f"{bind}:{port}"
-        server = Server(exports)
-        shutdown = trio.Event()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.run, listeners, shutdown)
-                log.info("serving %s on %s", ", ".join(m.name for m in metas), where)
-                async for signum in signals:
-                    log.info("%s: finishing requests in flight, then exiting",
-                             signal.Signals(signum).name)
-                    shutdown.set()
-                    break
-    finally:
-        for bridge in bridges:
-            bridge.close()
-        if socket_created:
-            remove_socket(socket)
+    async with open_exports(EmulatedClient(store), metas, read_only) as exports:
+        try:
+            if socket is not None:
+                listeners = [await open_unix_listener(socket)]
+                socket_created = True
+                where = f"unix:{socket}"
+            else:
+                listeners = await open_tcp_listeners(port, bind)
+                where = f"{bind}:{port}"
+            server = Server(exports)
+            shutdown = trio.Event()
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(server.run, listeners, shutdown)
+                    log.info("serving %s on %s", ", ".join(m.name for m in metas), where)
+                    async for signum in signals:
+                        log.info("%s: finishing requests in flight, then exiting",
+                                 signal.Signals(signum).name)
+                        shutdown.set()
+                        break
+        finally:
+            if socket_created:
+                remove_socket(socket)
 
 
 def main() -> None:

@@ -14,16 +14,19 @@ import logging
 import os
 import socket as stdlib_socket
 import stat
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
 import trio
 
+from . import protocol as p
 from .negotiation import ExportInfo, Negotiation, RemoteProtocolError, negotiate
+from .store import VolumeMeta
 from .streams import ClientDisconnected, Receiver
 from .transmission import Transmission
-from .volume import VolumeBridge
+from .volume import EmulatedClient, VolumeBridge
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,36 @@ class Export:
     info: ExportInfo
     bridge: VolumeBridge
     read_only: bool
+
+
+def export_flags(read_only: bool) -> p.TransmissionFlags:
+    flags = (
+        p.TransmissionFlags.HAS_FLAGS | p.TransmissionFlags.SEND_FLUSH | p.TransmissionFlags.SEND_FUA
+        | p.TransmissionFlags.SEND_TRIM | p.TransmissionFlags.SEND_WRITE_ZEROES
+        | p.TransmissionFlags.SEND_FAST_ZERO | p.TransmissionFlags.SEND_CACHE
+        | p.TransmissionFlags.CAN_MULTI_CONN  # one bridge per volume serves every connection
+    )
+    return flags | p.TransmissionFlags.READ_ONLY if read_only else flags
+
+
+@asynccontextmanager
+async def open_exports(
+    client: EmulatedClient, metas: Sequence[VolumeMeta], read_only: bool
+) -> AsyncIterator[list[Export]]:
+    """Opens each volume once; every connection to it shares the one bridge."""
+    bridges: list[VolumeBridge] = []
+    try:
+        exports = []
+        for meta in metas:
+            bridge = VolumeBridge(client.open_volume(meta.name))
+            bridges.append(bridge)
+            export_read_only = read_only or bridge.backend.read_only
+            info = ExportInfo(meta.name, meta.describe(), bridge.size, export_flags(export_read_only))
+            exports.append(Export(info, bridge, export_read_only))
+        yield exports
+    finally:
+        for bridge in bridges:
+            bridge.close()
 
 
 @attrs.define(eq=False)
@@ -90,9 +123,10 @@ class Server:
         async with listener:
             while True:
                 stream = await listener.accept()
-                connections.start_soon(self._serve_connection, stream)
+                connections.start_soon(self.serve_connection, stream)
 
-    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+    async def serve_connection(self, stream: trio.abc.Stream) -> None:
+        """One client from handshake to close; any trio stream will do (tests use memory streams)."""
         connection = _Connection(next(self._numbers), _peer_name(stream))
         self._connections.add(connection)
         outcome = "closed"

@@ -35,6 +35,16 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
+SUFFIX_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def human_size(size: int) -> str:
+    for suffix, shift in reversed(SUFFIX_SHIFT.items()):
+        if shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {suffix}iB"
+    return f"{size} bytes"
+
+
 class StoreError(Exception):
     """A volume operation that cannot be done; the message is for the user."""
 
@@ -69,6 +79,10 @@ class VolumeMeta:
 
     def to_json(self) -> dict:
         return attrs.asdict(self)
+
+    def describe(self) -> str:
+        replicas = "replica" if self.replicas == 1 else "replicas"
+        return f"PureFlash volume {self.name}, {human_size(self.size)}, {self.replicas} {replicas}"
 
 
 @attrs.frozen
