@@ -7,21 +7,29 @@ import logging
 import os
 import re
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import attrs
 import trio
 import typer
 
 from . import protocol as p
-from .server import ListenError, Server, open_exports, open_tcp_listeners, open_unix_listener, remove_socket
+from .negotiation import TlsMode
+from .server import (
+    ListenError, Policy, Server, listener_name, logfmt, open_exports, open_tcp_listeners,
+    open_unix_listener, remove_socket, systemd_listeners,
+)
 from .store import SUFFIX_SHIFT, Store, StoreError, VolumeMeta, human_size
+from .tls import TlsConfigError, server_context
 from .volume import EmulatedClient, VolumeOpenError
 
 log = logging.getLogger("pfnbd")
 
 DEFAULT_PORT = 10809
+DEFAULT_BIND = "127.0.0.1"  # serving the network is the operator's explicit choice
 DEFAULT_VOLUME = "default"
 DEFAULT_VOLUME_SIZE = "1G"
 SIZE = re.compile(r"(\d+)([KMGT]?)", re.IGNORECASE)
@@ -132,16 +140,44 @@ def serve(
         "--volume", help=f"Volume to export, by name (repeatable). Default: {DEFAULT_VOLUME!r}, "
                          f"created with {DEFAULT_VOLUME_SIZE} if missing.")] = None,
     socket: Annotated[Optional[Path], typer.Option("--socket", "-k", help="Listen on this Unix socket.")] = None,
-    bind: Annotated[Optional[str], typer.Option("--bind", help="TCP address to listen on.")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", "-p", help=f"TCP port [default: {DEFAULT_PORT}].")] = None,
+    socket_mode: Annotated[str, typer.Option(
+        "--socket-mode", help="Permissions of the Unix socket, in octal (660 lets the group in).")] = "600",
+    bind: Annotated[Optional[str], typer.Option(
+        "--bind", help=f"TCP address to listen on, IPv4 or IPv6 (default {DEFAULT_BIND}).")] = None,
+    port: Annotated[Optional[int], typer.Option(
+        "--port", "-p", help=f"TCP port, 0 for any free one (default {DEFAULT_PORT}).")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse every write.")] = False,
+    tls: Annotated[TlsMode, typer.Option(
+        "--tls", case_sensitive=False,
+        help="off: no TLS; on: clients may start TLS; require: clients must.")] = TlsMode.OFF,
+    tls_certificates: Annotated[Optional[Path], typer.Option(
+        "--tls-certificates", help="Directory with ca-cert.pem, server-cert.pem and server-key.pem.")] = None,
+    tls_verify_peer: Annotated[bool, typer.Option(
+        "--tls-verify-peer", help="Require client certificates signed by ca-cert.pem.")] = False,
+    max_connections: Annotated[Optional[int], typer.Option(
+        "--max-connections", help="Close connections beyond this many at once (default: no limit).")] = None,
+    pid_file: Annotated[Optional[Path], typer.Option(
+        "--pid-file", help="Write the server's pid here once it listens; removed at exit.")] = None,
 ) -> None:
-    """Serve volumes over NBD until SIGTERM or SIGINT."""
+    """Serve volumes over NBD until SIGTERM or SIGINT; SIGUSR1 logs statistics.
+
+    Listens on --socket, or on TCP when --bind or --port is given, or else on the
+    sockets systemd passes (socket activation).
+    """
     store: Store = ctx.obj
     if socket is not None and (bind is not None or port is not None):
         raise CliError("--socket cannot be combined with --bind or --port")
-    if port is not None and not 0 < port < 65536:
+    if port is not None and not 0 <= port < 65536:
         raise CliError(f"invalid port {port}")
+    if max_connections is not None and max_connections < 1:
+        raise CliError(f"invalid --max-connections {max_connections}: give 1 or more")
+    policy = Policy(tls, _tls_context(tls, tls_certificates, tls_verify_peer), max_connections)
+    if socket is not None:
+        listen: Listen = UnixListen(socket, _parse_mode(socket_mode))
+    elif bind is not None or port is not None:
+        listen = TcpListen((bind or DEFAULT_BIND).strip("[]"), DEFAULT_PORT if port is None else port)
+    else:
+        listen = SystemdListen()
     names = volumes or [DEFAULT_VOLUME]
     if len(set(names)) != len(names):
         raise CliError("a volume is named twice in --volume")
@@ -149,36 +185,129 @@ def serve(
         store.create(DEFAULT_VOLUME, parse_size(DEFAULT_VOLUME_SIZE))
         log.info("created volume %s (%s)", DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE)
     metas = [store.get(name) for name in names]  # fails early on a missing volume
-    trio.run(_serve, store, metas, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only)
+    trio.run(_serve, store, metas, listen, read_only, policy, pid_file)
+
+
+def _tls_context(mode: TlsMode, directory: Path | None, verify_peer: bool) -> ssl.SSLContext | None:
+    if mode is TlsMode.OFF:
+        if directory is not None or verify_peer:
+            raise CliError("--tls-certificates and --tls-verify-peer need --tls on or --tls require")
+        return None
+    if directory is None:
+        raise CliError(f"--tls {mode.value} needs --tls-certificates DIR")
+    try:
+        return server_context(directory, verify_peer)
+    except TlsConfigError as error:
+        raise CliError(str(error)) from None
+
+
+def _parse_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise CliError(f"invalid --socket-mode {text!r}: give octal permissions such as 600")
+    return mode
+
+
+@attrs.frozen
+class UnixListen:
+    path: Path
+    mode: int
+
+    async def open(self) -> list[trio.SocketListener]:
+        return [await open_unix_listener(self.path, self.mode)]
+
+    def remove(self) -> None:
+        remove_socket(self.path)
+
+
+@attrs.frozen
+class TcpListen:
+    host: str
+    port: int
+
+    async def open(self) -> list[trio.SocketListener]:
+        return await open_tcp_listeners(self.port, self.host)
+
+    def remove(self) -> None:
+        pass
+
+
+@attrs.frozen
+class SystemdListen:
+    async def open(self) -> list[trio.SocketListener]:
+        listeners = systemd_listeners()
+        if listeners is None:
+            raise CliError("give --socket PATH or --bind/--port, or start pfnbd through "
+                           "systemd socket activation (LISTEN_FDS)")
+        return listeners
+
+    def remove(self) -> None:
+        pass  # systemd owns its sockets
+
+
+Listen = UnixListen | TcpListen | SystemdListen
 
 
 async def _serve(
-    store: Store, metas: list[VolumeMeta], socket: Path | None, bind: str, port: int, read_only: bool
+    store: Store, metas: list[VolumeMeta], listen: Listen, read_only: bool, policy: Policy,
+    pid_file: Path | None,
 ) -> None:
-    socket_created = False
     async with open_exports(EmulatedClient(store), metas, read_only) as exports:
+        listeners = await listen.open()
         try:
-            if socket is not None:
-                listeners = [await open_unix_listener(socket)]
-                socket_created = True
-                where = f"unix:{socket}"
-            else:
-                listeners = await open_tcp_listeners(port, bind)
-                where = f"{bind}:{port}"
-            server = Server(exports)
+            if pid_file is not None:
+                write_pid_file(pid_file)
+            server = Server(exports, policy)
             shutdown = trio.Event()
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.run, listeners, shutdown)
-                    log.info("serving %s on %s", ", ".join(m.name for m in metas), where)
+                    log.info("%s", logfmt(
+                        "serving", exports=",".join(m.name for m in metas),
+                        listen=",".join(listener_name(listener) for listener in listeners),
+                        tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
+                        max_connections=policy.max_connections))
                     async for signum in signals:
+                        if signum == signal.SIGUSR1:
+                            _log_lines(server.stats())
+                            continue
                         log.info("%s: finishing requests in flight, then exiting",
                                  signal.Signals(signum).name)
                         shutdown.set()
                         break
+            _log_lines(server.stats())
         finally:
-            if socket_created:
-                remove_socket(socket)
+            listen.remove()
+            if pid_file is not None:
+                remove_pid_file(pid_file)
+
+
+def _log_lines(lines: list[str]) -> None:
+    for line in lines:
+        log.info("%s", line)
+
+
+def write_pid_file(path: Path) -> None:
+    """Atomically: a reader never sees an empty or partial pid file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        partial.write_text(f"{os.getpid()}\n")
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise CliError(f"cannot write --pid-file {path}: {error.strerror}") from None
+
+
+def remove_pid_file(path: Path) -> None:
+    """Only our own: a newer server may have written its pid there since."""
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
 
 
 def main() -> None:
