@@ -19,7 +19,7 @@ import typer
 from . import protocol as p
 from .negotiation import TlsMode
 from .server import (
-    ListenError, Policy, Server, listener_name, logfmt, open_exports, open_tcp_listeners,
+    HANDSHAKE_TIMEOUT, ListenError, Policy, Server, listener_name, logfmt, open_exports, open_tcp_listeners,
     open_unix_listener, remove_socket, systemd_listeners,
 )
 from .store import SUFFIX_SHIFT, Store, StoreError, VolumeMeta, human_size
@@ -158,6 +158,9 @@ def serve(
         "--max-connections", help="Close connections beyond this many at once (default: no limit).")] = None,
     pid_file: Annotated[Optional[Path], typer.Option(
         "--pid-file", help="Write the server's pid here once it listens; removed at exit.")] = None,
+    handshake_limit: Annotated[float, typer.Option(
+        "--handshake-limit", help="Seconds a client has to finish negotiation, TLS included.")
+    ] = HANDSHAKE_TIMEOUT,
 ) -> None:
     """Serve volumes over NBD until SIGTERM or SIGINT; SIGUSR1 logs statistics.
 
@@ -171,7 +174,10 @@ def serve(
         raise CliError(f"invalid port {port}")
     if max_connections is not None and max_connections < 1:
         raise CliError(f"invalid --max-connections {max_connections}: give 1 or more")
-    policy = Policy(tls, _tls_context(tls, tls_certificates, tls_verify_peer), max_connections)
+    if not handshake_limit > 0:
+        raise CliError(f"invalid --handshake-limit {handshake_limit}: give a number of seconds")
+    policy = Policy(tls, _tls_context(tls, tls_certificates, tls_verify_peer), max_connections,
+                    handshake_limit)
     if socket is not None:
         listen: Listen = UnixListen(socket, _parse_mode(socket_mode))
     elif bind is not None or port is not None:

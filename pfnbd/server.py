@@ -128,11 +128,11 @@ class _ExportTotals:
     """Per-export counters of the connections that have ended."""
 
     connections: int = 0
-    counters: dict[str, int] = attrs.Factory(dict)
+    counters: dict[str, int] = attrs.Factory(lambda: attrs.asdict(Counters()))
 
     def add(self, counters: Counters) -> None:
         for key, value in attrs.asdict(counters).items():
-            self.counters[key] = self.counters.get(key, 0) + value
+            self.counters[key] += value
 
 
 class Server:
