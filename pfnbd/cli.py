@@ -217,32 +217,47 @@ def _parse_mode(text: str) -> int:
     return mode
 
 
+class Listen:
+    """Where `serve` listens: opens the listeners, names them for the log, and cleans up."""
+
+    async def open(self) -> list[trio.SocketListener]:
+        raise NotImplementedError
+
+    def describe(self, listeners: list[trio.SocketListener]) -> list[str]:
+        return [listener_name(listener) for listener in listeners]
+
+    def remove(self) -> None:
+        pass  # nothing of ours is left on disk
+
+
 @attrs.frozen
-class UnixListen:
+class UnixListen(Listen):
     path: Path
     mode: int
 
     async def open(self) -> list[trio.SocketListener]:
         return [await open_unix_listener(self.path, self.mode)]
 
+    def describe(self, listeners: list[trio.SocketListener]) -> list[str]:
+        return [f"unix:{self.path}"]  # the socket was bound under a temporary name
+
     def remove(self) -> None:
         remove_socket(self.path)
 
 
 @attrs.frozen
-class TcpListen:
+class TcpListen(Listen):
     host: str
     port: int
 
     async def open(self) -> list[trio.SocketListener]:
         return await open_tcp_listeners(self.port, self.host)
 
-    def remove(self) -> None:
-        pass
-
 
 @attrs.frozen
-class SystemdListen:
+class SystemdListen(Listen):
+    """The sockets systemd passes; they are systemd's to remove."""
+
     async def open(self) -> list[trio.SocketListener]:
         listeners = systemd_listeners()
         if listeners is None:
@@ -250,20 +265,14 @@ class SystemdListen:
                            "systemd socket activation (LISTEN_FDS)")
         return listeners
 
-    def remove(self) -> None:
-        pass  # systemd owns its sockets
-
-
-Listen = UnixListen | TcpListen | SystemdListen
-
 
 async def _serve(
     store: Store, metas: list[VolumeMeta], listen: Listen, read_only: bool, policy: Policy,
     pid_file: Path | None,
 ) -> None:
-    async with open_exports(EmulatedClient(store), metas, read_only) as exports:
-        listeners = await listen.open()
-        try:
+    listeners = await listen.open()  # first: a socket in use fails at once
+    try:
+        async with open_exports(EmulatedClient(store), metas, read_only) as exports:
             if pid_file is not None:
                 write_pid_file(pid_file)
             server = Server(exports, policy)
@@ -273,7 +282,7 @@ async def _serve(
                     await nursery.start(server.run, listeners, shutdown)
                     log.info("%s", logfmt(
                         "serving", exports=",".join(m.name for m in metas),
-                        listen=",".join(listener_name(listener) for listener in listeners),
+                        listen=",".join(listen.describe(listeners)),
                         tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
                         max_connections=policy.max_connections))
                     async for signum in signals:
@@ -285,10 +294,10 @@ async def _serve(
                         shutdown.set()
                         break
             _log_lines(server.stats())
-        finally:
-            listen.remove()
-            if pid_file is not None:
-                remove_pid_file(pid_file)
+    finally:
+        listen.remove()
+        if pid_file is not None:
+            remove_pid_file(pid_file)
 
 
 def _log_lines(lines: list[str]) -> None:

@@ -93,15 +93,6 @@ class OptionOutcome:
     start_tls: bool = False  # set when the TLS handshake follows the replies
 
 
-@attrs.define
-class Haggled:
-    """What the client's options have set so far: all of it is dropped at STARTTLS."""
-
-    structured_replies: bool = False
-    meta_contexts: dict[int, str] = attrs.Factory(dict)
-    meta_context_export: str | None = None
-
-
 def option_reply(option: int, reply: p.OptionReply, payload: bytes = b"") -> bytes:
     header = p.option_reply_header.build(
         dict(option=option, type=reply, length=len(payload))
@@ -124,8 +115,15 @@ class Negotiation:
         self.tls_active = False
         self.state = State.AWAIT_CLIENT_FLAGS
         self.no_zeroes = False
-        self.haggled = Haggled()
         self.options_seen = 0
+        self._forget_options()
+
+    def _forget_options(self) -> None:
+        """Sets every attribute an option can change: STARTTLS calls it again, since no
+        option state may survive it (the spec, on NBD_OPT_STARTTLS)."""
+        self.structured_replies = False
+        self._meta_contexts: dict[int, str] = {}
+        self._meta_context_export: str | None = None
 
     @staticmethod
     def greeting() -> bytes:
@@ -180,7 +178,7 @@ class Negotiation:
         """The driver completed the TLS handshake: haggling starts over, encrypted."""
         self._expect(State.STARTING_TLS)
         self.tls_active = True
-        self.haggled = Haggled()  # the spec: no option state survives STARTTLS
+        self._forget_options()
         self.state = State.OPTIONS
 
     def _tls_required(self, option: int) -> bool:
@@ -272,16 +270,16 @@ class Negotiation:
     def _structured_reply(self, option: int, data: bytes) -> OptionOutcome:
         if data:
             return self._invalid(option, "NBD_OPT_STRUCTURED_REPLY carries no data")
-        self.haggled.structured_replies = True
+        self.structured_replies = True
         return OptionOutcome([option_reply(option, p.OptionReply.ACK)])
 
     def _meta_context(self, option: int, data: bytes) -> OptionOutcome:
         setting = option == p.Option.SET_META_CONTEXT
         if setting:
             # A SET replaces every earlier selection, even when it fails.
-            self.haggled.meta_contexts = {}
-            self.haggled.meta_context_export = None
-        if not self.haggled.structured_replies:
+            self._meta_contexts = {}
+            self._meta_context_export = None
+        if not self.structured_replies:
             return self._invalid(option, "negotiate structured replies first")
         try:
             request = p.meta_context_request.parse(data)
@@ -307,8 +305,8 @@ class Negotiation:
                 )
             )
         if setting:
-            self.haggled.meta_contexts = {META_CONTEXT_ID[name]: name for name in matched}
-            self.haggled.meta_context_export = export.name
+            self._meta_contexts = {META_CONTEXT_ID[name]: name for name in matched}
+            self._meta_context_export = export.name
         return OptionOutcome([*replies, option_reply(option, p.OptionReply.ACK)])
 
     _handlers = {
@@ -334,12 +332,11 @@ class Negotiation:
 
     def _flags(self, export: ExportInfo) -> p.TransmissionFlags:
         # DF must stay clear unless structured replies were negotiated.
-        return export.flags | (p.TransmissionFlags.SEND_DF if self.haggled.structured_replies else 0)
+        return export.flags | (p.TransmissionFlags.SEND_DF if self.structured_replies else 0)
 
     def _agree(self, export: ExportInfo) -> Agreement:
-        haggled = self.haggled
-        contexts = haggled.meta_contexts if haggled.meta_context_export == export.name else {}
-        return Agreement(export, haggled.structured_replies, dict(contexts))
+        contexts = self._meta_contexts if self._meta_context_export == export.name else {}
+        return Agreement(export, self.structured_replies, dict(contexts))
 
     @staticmethod
     def _invalid(option: int, message: str) -> OptionOutcome:

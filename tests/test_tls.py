@@ -498,11 +498,13 @@ def random_bytes(n: int) -> bytes:
 
 @pytest.fixture
 def launch(cli: Cli, tmp_path: Path):
-    """Factory: `pfnbd serve ARGS` for listeners the `start_server` fixture does not
-    know (TCP, port 0); waits for its `serving` line and reads its addresses."""
+    """Factory: `pfnbd serve --volume test_v1 ARGS` (or the whole `command` given) for
+    listeners the `start_server` fixture does not know (TCP, port 0); waits for its
+    `serving` line and reads its addresses from it."""
     launched: list[Launched] = []
 
-    def start(*args: str, volumes: tuple[str, ...] = ("test_v1",)) -> Launched:
+    def start(*args: str, volumes: tuple[str, ...] = ("test_v1",), command: list[str] | None = None,
+              **popen) -> Launched:
         exports = []
         for name in volumes:
             if name not in cli.run("volume", "list").stdout.split():
@@ -510,8 +512,8 @@ def launch(cli: Cli, tmp_path: Path):
             exports += ["--volume", name]
         log_path = tmp_path / f"launched{len(launched)}.log"
         with open(log_path, "w") as log:
-            process = subprocess.Popen(pfnbd_command("serve", *exports, *args), env=cli.env,
-                                       stdout=log, stderr=subprocess.STDOUT, text=True)
+            process = subprocess.Popen(command or pfnbd_command("serve", *exports, *args), env=cli.env,
+                                       stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
         launched.append(Launched(process, log_path))
         launched[-1].wait_until_serving()
         return launched[-1]
