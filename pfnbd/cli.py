@@ -15,8 +15,8 @@ import trio
 import typer
 
 from . import protocol as p
-from .server import ListenError, Server, open_exports, open_tcp_listeners, open_unix_listener, remove_socket
-from .store import SUFFIX_SHIFT, Store, StoreError, VolumeMeta, human_size
+from .server import ExportSpec, ListenError, Server, open_exports, open_tcp_listeners, open_unix_listener, remove_socket
+from .store import SUFFIX_SHIFT, Store, StoreError, human_size
 from .volume import EmulatedClient, VolumeOpenError
 
 log = logging.getLogger("pfnbd")
@@ -96,9 +96,10 @@ def volume_list(
     if as_json:
         typer.echo(json.dumps([v.to_json() for v in volumes], indent=2))
         return
-    rows = [("NAME", "SIZE", "REPLICAS", "ID")]
-    rows += [(v.name, human_size(v.size), str(v.replicas), str(v.id)) for v in volumes]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    rows = [("NAME", "SIZE", "REPLICAS", "ID", "SNAPSHOTS")]
+    rows += [(v.name, human_size(v.size), str(v.replicas), str(v.id),
+              ",".join(s.name for s in v.snapshots) or "-") for v in volumes]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
@@ -115,7 +116,24 @@ def volume_info(
         typer.echo(json.dumps(meta.to_json(), indent=2))
         return
     for key, value in meta.to_json().items():
-        typer.echo(f"{key}: {value}")
+        if key != "snapshots":
+            typer.echo(f"{key}: {value}")
+    for snapshot in meta.snapshots:
+        typer.echo(f"snapshot: {snapshot.name} (id {snapshot.id}, created {snapshot.created})")
+
+
+@volume_app.command("snapshot")
+def volume_snapshot(ctx: typer.Context, name: str, snapshot: str) -> None:
+    """Take a snapshot: it keeps this moment's data while the volume moves on."""
+    ctx.obj.create_snapshot(name, snapshot)
+    typer.echo(f"created snapshot {name}@{snapshot}")
+
+
+@volume_app.command("snapshot-delete")
+def volume_snapshot_delete(ctx: typer.Context, name: str, snapshot: str) -> None:
+    """Delete a snapshot."""
+    ctx.obj.delete_snapshot(name, snapshot)
+    typer.echo(f"deleted snapshot {name}@{snapshot}")
 
 
 @volume_app.command("delete")
@@ -148,15 +166,15 @@ def serve(
     if not volumes and DEFAULT_VOLUME not in {v.name for v in store.list()}:
         store.create(DEFAULT_VOLUME, parse_size(DEFAULT_VOLUME_SIZE))
         log.info("created volume %s (%s)", DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE)
-    metas = [store.get(name) for name in names]  # fails early on a missing volume
-    trio.run(_serve, store, metas, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only)
+    specs = [ExportSpec(name, store.describe(name)) for name in names]  # fails early on a missing volume
+    trio.run(_serve, store, specs, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only)
 
 
 async def _serve(
-    store: Store, metas: list[VolumeMeta], socket: Path | None, bind: str, port: int, read_only: bool
+    store: Store, specs: list[ExportSpec], socket: Path | None, bind: str, port: int, read_only: bool
 ) -> None:
     socket_created = False
-    async with open_exports(EmulatedClient(store), metas, read_only) as exports:
+    async with open_exports(EmulatedClient(store), specs, read_only) as exports:
         try:
             if socket is not None:
                 listeners = [await open_unix_listener(socket)]
@@ -170,7 +188,7 @@ async def _serve(
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.run, listeners, shutdown)
-                    log.info("serving %s on %s", ", ".join(m.name for m in metas), where)
+                    log.info("serving %s on %s", ", ".join(spec.name for spec in specs), where)
                     async for signum in signals:
                         log.info("%s: finishing requests in flight, then exiting",
                                  signal.Signals(signum).name)

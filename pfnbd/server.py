@@ -23,7 +23,7 @@ import trio
 
 from . import protocol as p
 from .negotiation import ExportInfo, Negotiation, RemoteProtocolError, negotiate
-from .store import VolumeMeta
+from .store import split_snapshot_name
 from .streams import ClientDisconnected, Receiver
 from .transmission import Transmission
 from .volume import EmulatedClient, VolumeBridge
@@ -55,19 +55,28 @@ def export_flags(read_only: bool) -> p.TransmissionFlags:
     return flags | p.TransmissionFlags.READ_ONLY if read_only else flags
 
 
+@attrs.frozen
+class ExportSpec:
+    """An export to open: `volume` or `volume@snapshot`, and how LIST describes it."""
+
+    name: str
+    description: str
+
+
 @asynccontextmanager
 async def open_exports(
-    client: EmulatedClient, metas: Sequence[VolumeMeta], read_only: bool
+    client: EmulatedClient, specs: Sequence[ExportSpec], read_only: bool
 ) -> AsyncIterator[list[Export]]:
     """Opens each volume once; every connection to it shares the one bridge."""
     bridges: list[VolumeBridge] = []
     try:
         exports = []
-        for meta in metas:
-            bridge = VolumeBridge(client.open_volume(meta.name))
+        for spec in specs:
+            volume, snapshot = split_snapshot_name(spec.name)
+            bridge = VolumeBridge(client.open_volume(volume, snapshot))
             bridges.append(bridge)
             export_read_only = read_only or bridge.backend.read_only
-            info = ExportInfo(meta.name, meta.describe(), bridge.size, export_flags(export_read_only))
+            info = ExportInfo(spec.name, spec.description, bridge.size, export_flags(export_read_only))
             exports.append(Export(info, bridge, export_read_only))
         yield exports
     finally:
