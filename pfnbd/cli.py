@@ -17,7 +17,8 @@ import typer
 from . import protocol as p
 from .server import ExportSpec, ListenError, Server, open_exports, open_tcp_listeners, open_unix_listener, remove_socket
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size
-from .volume import EmulatedClient, VolumeOpenError
+from .transfer import export_volume, import_volume
+from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, EmulatedClient, Faults, VolumeOpenError
 
 log = logging.getLogger("pfnbd")
 
@@ -143,16 +144,64 @@ def volume_delete(ctx: typer.Context, name: str) -> None:
     typer.echo(f"deleted volume {name}")
 
 
+def _progress(label: str, total: int):
+    """A progress bar on a terminal; elsewhere just the label (click decides)."""
+    return typer.progressbar(length=total, label=label, file=sys.stderr)
+
+
+@volume_app.command("import")
+def volume_import(
+    ctx: typer.Context,
+    name: str,
+    source: Path,
+    replicas: Annotated[int, typer.Option("--replicas", "-r", help="Replica count, 1 to 3.")] = 1,
+) -> None:
+    """Create a volume from a disk image (raw; qcow2 and others through qemu-img)."""
+    if not source.is_file():
+        raise CliError(f"{source} is not a file")
+    with _progress(f"importing {source}", source.stat().st_size) as bar:
+        size = import_volume(ctx.obj, name, source, bar.update, replicas)
+    typer.echo(f"imported {source} into volume {name}: {human_size(size)}")
+
+
+@volume_app.command("export")
+def volume_export(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="VOLUME or VOLUME@SNAPSHOT.")],
+    target: Path,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite TARGET.")] = False,
+) -> None:
+    """Write a volume or snapshot to a sparse raw file."""
+    size = ctx.obj.get_export(name)[0].size
+    with _progress(f"exporting {name}", size) as bar:
+        export_volume(ctx.obj, name, target, bar.update, force)
+    typer.echo(f"exported {name} to {target}: {human_size(size)}")
+
+
+FAULTS = "Fault injection (emulated cluster only)"
+
+
 @app.command()
 def serve(
     ctx: typer.Context,
     volumes: Annotated[Optional[list[str]], typer.Option(
-        "--volume", help=f"Volume to export, by name (repeatable). Default: {DEFAULT_VOLUME!r}, "
-                         f"created with {DEFAULT_VOLUME_SIZE} if missing.")] = None,
+        "--volume", help=f"Export this volume, or VOLUME@SNAPSHOT read-only (repeatable). Default: "
+                         f"{DEFAULT_VOLUME!r}, created with {DEFAULT_VOLUME_SIZE} if missing.")] = None,
+    all_volumes: Annotated[bool, typer.Option("--all", help="Export every volume of the data directory.")] = False,
     socket: Annotated[Optional[Path], typer.Option("--socket", "-k", help="Listen on this Unix socket.")] = None,
     bind: Annotated[Optional[str], typer.Option("--bind", help="TCP address to listen on.")] = None,
     port: Annotated[Optional[int], typer.Option("--port", "-p", help=f"TCP port [default: {DEFAULT_PORT}].")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse every write.")] = False,
+    io_depth: Annotated[int, typer.Option(
+        "--io-depth", help="The client library's [client] io_depth: 2x this many submits in flight.",
+        rich_help_panel=FAULTS)] = DEFAULT_IO_DEPTH,
+    error_rate: Annotated[float, typer.Option(
+        "--inject-error-rate", help="Fraction of completions that fail (0 to 1).", rich_help_panel=FAULTS)] = 0.0,
+    error_status: Annotated[str, typer.Option(
+        "--inject-status", help="Status of a failed completion: -errno or a PureFlash status like 0xC3.",
+        rich_help_panel=FAULTS)] = "-5",
+    delay: Annotated[float, typer.Option(
+        "--inject-delay", help="Seconds added to every completion.", rich_help_panel=FAULTS)] = 0.0,
 ) -> None:
     """Serve volumes over NBD until SIGTERM or SIGINT."""
     store: Store = ctx.obj
@@ -160,21 +209,35 @@ def serve(
         raise CliError("--socket cannot be combined with --bind or --port")
     if port is not None and not 0 < port < 65536:
         raise CliError(f"invalid port {port}")
-    names = volumes or [DEFAULT_VOLUME]
+    if all_volumes and volumes:
+        raise CliError("--all cannot be combined with --volume")
+    if all_volumes:
+        names = [v.name for v in store.list()]
+        if not names:
+            raise CliError(f"--all: no volumes in {store.root}")
+    else:
+        names = volumes or [DEFAULT_VOLUME]
     if len(set(names)) != len(names):
         raise CliError("a volume is named twice in --volume")
-    if not volumes and DEFAULT_VOLUME not in {v.name for v in store.list()}:
+    if not volumes and not all_volumes and DEFAULT_VOLUME not in {v.name for v in store.list()}:
         store.create(DEFAULT_VOLUME, parse_size(DEFAULT_VOLUME_SIZE))
         log.info("created volume %s (%s)", DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE)
     specs = [ExportSpec(name, store.describe(name)) for name in names]  # fails early on a missing volume
-    trio.run(_serve, store, specs, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only)
+    try:
+        faults = Faults(error_rate, int(error_status, 0), delay)
+    except ValueError as error:
+        raise CliError(f"fault injection: {error}") from None
+    if not 0 < io_depth <= PF_MAX_IO_DEPTH:
+        raise CliError(f"--io-depth must be 1 to {PF_MAX_IO_DEPTH}")
+    client = EmulatedClient(store, io_depth, faults)
+    trio.run(_serve, client, specs, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only)
 
 
 async def _serve(
-    store: Store, specs: list[ExportSpec], socket: Path | None, bind: str, port: int, read_only: bool
+    client: EmulatedClient, specs: list[ExportSpec], socket: Path | None, bind: str, port: int, read_only: bool
 ) -> None:
     socket_created = False
-    async with open_exports(EmulatedClient(store), specs, read_only) as exports:
+    async with open_exports(client, specs, read_only) as exports:
         try:
             if socket is not None:
                 listeners = [await open_unix_listener(socket)]

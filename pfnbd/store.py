@@ -363,7 +363,7 @@ def _chunks(offset: int, length: int) -> range:
     return range(offset // CHUNK, -(-(offset + length) // CHUNK))
 
 
-def _extents_of(fd: int, offset: int, length: int) -> Iterator[Extent]:
+def file_extents(fd: int, offset: int, length: int) -> Iterator[Extent]:
     """Allocated and unallocated runs of a sparse file covering [offset, offset + length)."""
     end = offset + length
     while offset < end:
@@ -476,7 +476,7 @@ class HeadImage(_Image):
                 raise OSError(code, os.strerror(code))
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        return _extents_of(self._head, offset, length)
+        return file_extents(self._head, offset, length)
 
     def sync(self) -> None:
         os.fdatasync(self._head)
@@ -568,12 +568,12 @@ class SnapshotImage(_Image):
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         sources, head_extents = self._resolved(
-            offset, length, lambda: list(_extents_of(self._head, offset, length)))
+            offset, length, lambda: list(file_extents(self._head, offset, length)))
         for index, chunk in enumerate(_chunks(offset, length)):
             start = max(offset, chunk * CHUNK)
             end = min(offset + length, (chunk + 1) * CHUNK)
             if sources[index] is not None:
-                yield from _extents_of(sources[index], start, end - start)
+                yield from file_extents(sources[index], start, end - start)
             else:
                 for extent in head_extents:
                     lo, hi = max(start, extent.offset), min(end, extent.offset + extent.length)
