@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -17,8 +18,9 @@ import typer
 from . import protocol as p
 from .server import ExportSpec, ListenError, Server, open_exports, open_tcp_listeners, open_unix_listener, remove_socket
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size
+from .pureflash import LIBRARY_ENV, PureFlashClient
 from .transfer import export_volume, import_volume
-from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, EmulatedClient, Faults, VolumeOpenError
+from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, EmulatedClient, Faults, VolumeClient, VolumeOpenError
 
 log = logging.getLogger("pfnbd")
 
@@ -178,6 +180,11 @@ def volume_export(
     typer.echo(f"exported {name} to {target}: {human_size(size)}")
 
 
+class Backend(str, enum.Enum):
+    EMULATED = "emulated"
+    PUREFLASH = "pureflash"
+
+
 FAULTS = "Fault injection (emulated cluster only)"
 
 
@@ -192,6 +199,13 @@ def serve(
     bind: Annotated[Optional[str], typer.Option("--bind", help="TCP address to listen on.")] = None,
     port: Annotated[Optional[int], typer.Option("--port", "-p", help=f"TCP port [default: {DEFAULT_PORT}].")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse every write.")] = False,
+    backend: Annotated[Backend, typer.Option(
+        "--backend", case_sensitive=False,
+        help="emulated: the embedded cluster of the data directory; pureflash: a real cluster, "
+             f"through the shared libs5common named by ${LIBRARY_ENV}.")] = Backend.EMULATED,
+    conf: Annotated[Optional[Path], typer.Option(
+        "--conf", help="PureFlash client configuration, for --backend pureflash.",
+        show_default="/etc/pureflash/pf.conf")] = None,
     io_depth: Annotated[int, typer.Option(
         "--io-depth", help="The client library's [client] io_depth: 2x this many submits in flight.",
         rich_help_panel=FAULTS)] = DEFAULT_IO_DEPTH,
@@ -211,44 +225,66 @@ def serve(
         raise CliError(f"invalid port {port}")
     if all_volumes and volumes:
         raise CliError("--all cannot be combined with --volume")
+    if backend is Backend.PUREFLASH:
+        if all_volumes or not volumes:
+            raise CliError("--backend pureflash needs --volume: pfnbd cannot list a cluster's volumes")
+        if (io_depth, error_rate, error_status, delay) != (DEFAULT_IO_DEPTH, 0.0, "-5", 0.0):
+            raise CliError("--io-depth and --inject-* apply to the emulated cluster only")
+        client = PureFlashClient(conf)  # the library named by $PFNBD_PUREFLASH_LIB
+        names, describe = volumes, client.describe
+    else:
+        if conf is not None:
+            raise CliError("--conf needs --backend pureflash")
+        names = _emulated_exports(store, volumes, all_volumes)
+        client = EmulatedClient(store, io_depth, _faults(io_depth, error_rate, error_status, delay))
+        describe = store.describe
+    if len(set(names)) != len(names):
+        raise CliError("a volume is named twice in --volume")
+    specs = [ExportSpec(name, describe(name)) for name in names]  # fails early on a missing volume
+    trio.run(_serve, client, specs, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only)
+
+
+def _emulated_exports(store: Store, volumes: list[str] | None, all_volumes: bool) -> list[str]:
     if all_volumes:
         names = [v.name for v in store.list()]
         if not names:
             raise CliError(f"--all: no volumes in {store.root}")
-    else:
-        names = volumes or [DEFAULT_VOLUME]
-    if len(set(names)) != len(names):
-        raise CliError("a volume is named twice in --volume")
-    if not volumes and not all_volumes and DEFAULT_VOLUME not in {v.name for v in store.list()}:
+        return names
+    if volumes:
+        return volumes
+    if DEFAULT_VOLUME not in {v.name for v in store.list()}:
         store.create(DEFAULT_VOLUME, parse_size(DEFAULT_VOLUME_SIZE))
         log.info("created volume %s (%s)", DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE)
-    specs = [ExportSpec(name, store.describe(name)) for name in names]  # fails early on a missing volume
-    try:
-        faults = Faults(error_rate, int(error_status, 0), delay)
-    except ValueError as error:
-        raise CliError(f"fault injection: {error}") from None
+    return [DEFAULT_VOLUME]
+
+
+def _faults(io_depth: int, error_rate: float, error_status: str, delay: float) -> Faults:
     if not 0 < io_depth <= PF_MAX_IO_DEPTH:
         raise CliError(f"--io-depth must be 1 to {PF_MAX_IO_DEPTH}")
-    client = EmulatedClient(store, io_depth, faults)
-    trio.run(_serve, client, specs, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only)
+    try:
+        return Faults(error_rate, int(error_status, 0), delay)
+    except ValueError as error:
+        raise CliError(f"fault injection: {error}") from None
 
 
 async def _serve(
-    client: EmulatedClient, specs: list[ExportSpec], socket: Path | None, bind: str, port: int, read_only: bool
+    client: VolumeClient, specs: list[ExportSpec], socket: Path | None, bind: str, port: int, read_only: bool
 ) -> None:
     socket_created = False
-    async with open_exports(client, specs, read_only) as exports:
-        try:
-            if socket is not None:
-                listeners = [await open_unix_listener(socket)]
-                socket_created = True
-                where = f"unix:{socket}"
-            else:
-                listeners = await open_tcp_listeners(port, bind)
-                where = f"{bind}:{port}"
-            server = Server(exports)
-            shutdown = trio.Event()
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # Signals are caught before the socket appears: a client that sees the socket
+    # may already ask us to stop.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_exports(client, specs, read_only) as exports:
+            try:
+                if socket is not None:
+                    listeners = [await open_unix_listener(socket)]
+                    socket_created = True
+                    where = f"unix:{socket}"
+                else:
+                    listeners = await open_tcp_listeners(port, bind)
+                    where = f"{bind}:{port}"
+                server = Server(exports)
+                shutdown = trio.Event()
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.run, listeners, shutdown)
                     log.info("serving %s on %s", ", ".join(spec.name for spec in specs), where)
@@ -257,9 +293,9 @@ async def _serve(
                                  signal.Signals(signum).name)
                         shutdown.set()
                         break
-        finally:
-            if socket_created:
-                remove_socket(socket)
+            finally:
+                if socket_created:
+                    remove_socket(socket)
 
 
 def main() -> None:

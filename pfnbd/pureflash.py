@@ -1,8 +1,9 @@
 """The real PureFlash client library behind the `VolumeBackend` interface.
 
 `PureFlashClient` loads the user's shared build of `libs5common` (PureFlash builds only a
-static archive; see the README for linking one) and opens volumes of a real cluster
-with `pf_open_volume`; `PureFlashVolume` submits with `pf_iov_submit` and hands each
+static archive: link one from it with `-shared -Wl,--whole-archive libs5common.a
+-Wl,--no-whole-archive` plus its dependencies) and opens volumes of a real cluster with
+`pf_open_volume`; `PureFlashVolume` submits with `pf_iov_submit` and hands each
 completion, which arrives on the library's own thread (`vol_proc`), to the bridge's
 callback exactly as `EmulatedVolume` does.
 
@@ -141,7 +142,9 @@ class VolumeInfo:
 class PureFlashClient:
     """`pf_open_volume` against a real cluster, with the shape of `EmulatedClient`."""
 
-    def __init__(self, conf: str | os.PathLike | None = None, library: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, conf: str | os.PathLike | None = None, library: str | os.PathLike | None = None
+    ) -> None:
         """`conf`: the client configuration (None: the library's /etc/pureflash/pf.conf).
         `library`: the shared libs5common (None: $PFNBD_PUREFLASH_LIB)."""
         self.conf = None if conf is None else Path(conf)
@@ -171,15 +174,17 @@ class PureFlashClient:
         if status == -errno.ENOENT:
             raise VolumeOpenError(f"no PureFlash volume {_label(name, snap)}")
         if status:
-            raise VolumeOpenError(f"cannot query PureFlash volume {_label(name, snap)}: {_status_text(status)}")
+            raise VolumeOpenError(
+                f"cannot query PureFlash volume {_label(name, snap)}: {_status_text(status)}"
+            )
         return VolumeInfo.from_struct(info)
 
     def describe(self, name: str) -> str:
         """What NBD_OPT_LIST and INFO say of export `name` or `name@snap`, like `Store.describe`.
 
-        A snapshot is described from its head's information: the library's query of a
-        snapshot is unreliable (upstream's fails with -ENOMEM), and a snapshot has its
-        head's replicas."""
+        A snapshot is described from its head's information: upstream's query with a
+        snapshot name fails (-ENOMEM, an unassigned escape buffer), and a snapshot has
+        its head's replicas."""
         volume, snap = split_snapshot_name(name)
         head = self.query_volume_info(volume).describe()
         return head if snap is None else f"snapshot {snap} of {head}, read-only"

@@ -26,7 +26,7 @@ from .negotiation import ExportInfo, Negotiation, RemoteProtocolError, negotiate
 from .store import split_snapshot_name
 from .streams import ClientDisconnected, Receiver
 from .transmission import Transmission
-from .volume import EmulatedClient, VolumeBridge
+from .volume import VolumeBridge, VolumeClient
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ExportSpec:
 
 @asynccontextmanager
 async def open_exports(
-    client: EmulatedClient, specs: Sequence[ExportSpec], read_only: bool
+    client: VolumeClient, specs: Sequence[ExportSpec], read_only: bool
 ) -> AsyncIterator[list[Export]]:
     """Opens each volume once; every connection to it shares the one bridge."""
     bridges: list[VolumeBridge] = []
@@ -173,7 +173,7 @@ def _summary(connection: _Connection, agreement, outcome: str) -> str:
     parts = [f"connection {connection.number} from {connection.peer}: {outcome}"]
     if agreement is not None:
         parts.append(f"export={agreement.export.name!r}")
-        parts.append("structured" if agreement.structured_replies else "simple")
+        parts.append("extended" if agreement.extended_headers else "structured" if agreement.structured_replies else "simple")
     if connection.transmission is not None:
         c = connection.transmission.counters
         parts.append(f"requests={c.requests} errors={c.errors} "

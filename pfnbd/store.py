@@ -222,8 +222,14 @@ class Store:
             if self._meta_path(name).exists():
                 raise VolumeExists(f"volume {name!r} already exists")
             next_id = 1 + max((v.id for v in self.list()), default=0)
-            self.image_path(name).unlink(missing_ok=True)  # debris of a create that crashed
-            _create_sparse(self.image_path(name), size)
+            image = self.image_path(name)
+            image.unlink(missing_ok=True)  # debris of a create that crashed
+            try:
+                _create_sparse(image, size)
+            except (OSError, OverflowError) as error:
+                image.unlink(missing_ok=True)
+                reason = getattr(error, "strerror", None) or "too large"
+                raise StoreError(f"cannot create volume {name!r} of {human_size(size)}: {reason}") from None
             meta = VolumeMeta(name, size, next_id, replicas, _now())
             self._write_meta(meta)
             return meta

@@ -78,6 +78,12 @@ class VolumeBackend(Protocol):
     def close(self) -> None: ...
 
 
+class VolumeClient(Protocol):
+    """Opens volumes: the emulated cluster's client, or the real library's binding."""
+
+    def open_volume(self, name: str, snap: str | None = None) -> VolumeBackend: ...
+
+
 # ---------------------------------------------------------------------------
 # The emulated client library.
 
