@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -18,13 +19,15 @@ import typer
 
 from . import protocol as p
 from .negotiation import TlsMode
+from .pureflash import LIBRARY_ENV, PureFlashClient
 from .server import (
-    HANDSHAKE_TIMEOUT, ListenError, Policy, Server, listener_name, logfmt, open_exports, open_tcp_listeners,
-    open_unix_listener, remove_socket, systemd_listeners,
+    HANDSHAKE_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt, open_exports,
+    open_tcp_listeners, open_unix_listener, remove_socket, systemd_listeners,
 )
-from .store import SUFFIX_SHIFT, Store, StoreError, VolumeMeta, human_size
+from .store import SUFFIX_SHIFT, Store, StoreError, human_size
 from .tls import TlsConfigError, server_context
-from .volume import EmulatedClient, VolumeOpenError
+from .transfer import export_volume, import_volume
+from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, EmulatedClient, Faults, VolumeClient, VolumeOpenError
 
 log = logging.getLogger("pfnbd")
 
@@ -104,9 +107,10 @@ def volume_list(
     if as_json:
         typer.echo(json.dumps([v.to_json() for v in volumes], indent=2))
         return
-    rows = [("NAME", "SIZE", "REPLICAS", "ID")]
-    rows += [(v.name, human_size(v.size), str(v.replicas), str(v.id)) for v in volumes]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    rows = [("NAME", "SIZE", "REPLICAS", "ID", "SNAPSHOTS")]
+    rows += [(v.name, human_size(v.size), str(v.replicas), str(v.id),
+              ",".join(s.name for s in v.snapshots) or "-") for v in volumes]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
@@ -123,7 +127,24 @@ def volume_info(
         typer.echo(json.dumps(meta.to_json(), indent=2))
         return
     for key, value in meta.to_json().items():
-        typer.echo(f"{key}: {value}")
+        if key != "snapshots":
+            typer.echo(f"{key}: {value}")
+    for snapshot in meta.snapshots:
+        typer.echo(f"snapshot: {snapshot.name} (id {snapshot.id}, created {snapshot.created})")
+
+
+@volume_app.command("snapshot")
+def volume_snapshot(ctx: typer.Context, name: str, snapshot: str) -> None:
+    """Take a snapshot: it keeps this moment's data while the volume moves on."""
+    ctx.obj.create_snapshot(name, snapshot)
+    typer.echo(f"created snapshot {name}@{snapshot}")
+
+
+@volume_app.command("snapshot-delete")
+def volume_snapshot_delete(ctx: typer.Context, name: str, snapshot: str) -> None:
+    """Delete a snapshot."""
+    ctx.obj.delete_snapshot(name, snapshot)
+    typer.echo(f"deleted snapshot {name}@{snapshot}")
 
 
 @volume_app.command("delete")
@@ -133,12 +154,55 @@ def volume_delete(ctx: typer.Context, name: str) -> None:
     typer.echo(f"deleted volume {name}")
 
 
+def _progress(label: str, total: int):
+    """A progress bar on a terminal; elsewhere just the label (click decides)."""
+    return typer.progressbar(length=total, label=label, file=sys.stderr)
+
+
+@volume_app.command("import")
+def volume_import(
+    ctx: typer.Context,
+    name: str,
+    source: Path,
+    replicas: Annotated[int, typer.Option("--replicas", "-r", help="Replica count, 1 to 3.")] = 1,
+) -> None:
+    """Create a volume from a disk image (raw; qcow2 and others through qemu-img)."""
+    if not source.is_file():
+        raise CliError(f"{source} is not a file")
+    with _progress(f"importing {source}", source.stat().st_size) as bar:
+        size = import_volume(ctx.obj, name, source, bar.update, replicas)
+    typer.echo(f"imported {source} into volume {name}: {human_size(size)}")
+
+
+@volume_app.command("export")
+def volume_export(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="VOLUME or VOLUME@SNAPSHOT.")],
+    target: Path,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite TARGET.")] = False,
+) -> None:
+    """Write a volume or snapshot to a sparse raw file."""
+    size = ctx.obj.get_export(name)[0].size
+    with _progress(f"exporting {name}", size) as bar:
+        export_volume(ctx.obj, name, target, bar.update, force)
+    typer.echo(f"exported {name} to {target}: {human_size(size)}")
+
+
+class Backend(str, enum.Enum):
+    EMULATED = "emulated"
+    PUREFLASH = "pureflash"
+
+
+FAULTS = "Fault injection (emulated cluster only)"
+
+
 @app.command()
 def serve(
     ctx: typer.Context,
     volumes: Annotated[Optional[list[str]], typer.Option(
-        "--volume", help=f"Volume to export, by name (repeatable). Default: {DEFAULT_VOLUME!r}, "
-                         f"created with {DEFAULT_VOLUME_SIZE} if missing.")] = None,
+        "--volume", help=f"Export this volume, or VOLUME@SNAPSHOT read-only (repeatable). Default: "
+                         f"{DEFAULT_VOLUME!r}, created with {DEFAULT_VOLUME_SIZE} if missing.")] = None,
+    all_volumes: Annotated[bool, typer.Option("--all", help="Export every volume of the data directory.")] = False,
     socket: Annotated[Optional[Path], typer.Option("--socket", "-k", help="Listen on this Unix socket.")] = None,
     socket_mode: Annotated[str, typer.Option(
         "--socket-mode", help="Permissions of the Unix socket, in octal (660 lets the group in).")] = "600",
@@ -161,6 +225,23 @@ def serve(
     handshake_limit: Annotated[float, typer.Option(
         "--handshake-limit", help="Seconds a client has to finish negotiation, TLS included.")
     ] = HANDSHAKE_TIMEOUT,
+    backend: Annotated[Backend, typer.Option(
+        "--backend", case_sensitive=False,
+        help="emulated: the embedded cluster of the data directory; pureflash: a real cluster, "
+             f"through the shared libs5common named by ${LIBRARY_ENV}.")] = Backend.EMULATED,
+    conf: Annotated[Optional[Path], typer.Option(
+        "--conf", help="PureFlash client configuration, for --backend pureflash.",
+        show_default="/etc/pureflash/pf.conf")] = None,
+    io_depth: Annotated[int, typer.Option(
+        "--io-depth", help="The client library's [client] io_depth: 2x this many submits in flight.",
+        rich_help_panel=FAULTS)] = DEFAULT_IO_DEPTH,
+    error_rate: Annotated[float, typer.Option(
+        "--inject-error-rate", help="Fraction of completions that fail (0 to 1).", rich_help_panel=FAULTS)] = 0.0,
+    error_status: Annotated[str, typer.Option(
+        "--inject-status", help="Status of a failed completion: -errno or a PureFlash status like 0xC3.",
+        rich_help_panel=FAULTS)] = "-5",
+    delay: Annotated[float, typer.Option(
+        "--inject-delay", help="Seconds added to every completion.", rich_help_panel=FAULTS)] = 0.0,
 ) -> None:
     """Serve volumes over NBD until SIGTERM or SIGINT; SIGUSR1 logs statistics.
 
@@ -184,14 +265,48 @@ def serve(
         listen = TcpListen((bind or DEFAULT_BIND).strip("[]"), DEFAULT_PORT if port is None else port)
     else:
         listen = SystemdListen()
-    names = volumes or [DEFAULT_VOLUME]
+    if all_volumes and volumes:
+        raise CliError("--all cannot be combined with --volume")
+    if backend is Backend.PUREFLASH:
+        if all_volumes or not volumes:
+            raise CliError("--backend pureflash needs --volume: pfnbd cannot list a cluster's volumes")
+        if (io_depth, error_rate, error_status, delay) != (DEFAULT_IO_DEPTH, 0.0, "-5", 0.0):
+            raise CliError("--io-depth and --inject-* apply to the emulated cluster only")
+        client = PureFlashClient(conf)  # the library named by $PFNBD_PUREFLASH_LIB
+        names, describe = volumes, client.describe
+    else:
+        if conf is not None:
+            raise CliError("--conf needs --backend pureflash")
+        names = _emulated_exports(store, volumes, all_volumes)
+        client = EmulatedClient(store, io_depth, _faults(io_depth, error_rate, error_status, delay))
+        describe = store.describe
     if len(set(names)) != len(names):
         raise CliError("a volume is named twice in --volume")
-    if not volumes and DEFAULT_VOLUME not in {v.name for v in store.list()}:
+    specs = [ExportSpec(name, describe(name)) for name in names]  # fails early on a missing volume
+    trio.run(_serve, client, specs, listen, read_only, policy, pid_file)
+
+
+def _emulated_exports(store: Store, volumes: list[str] | None, all_volumes: bool) -> list[str]:
+    if all_volumes:
+        names = [v.name for v in store.list()]
+        if not names:
+            raise CliError(f"--all: no volumes in {store.root}")
+        return names
+    if volumes:
+        return volumes
+    if DEFAULT_VOLUME not in {v.name for v in store.list()}:
         store.create(DEFAULT_VOLUME, parse_size(DEFAULT_VOLUME_SIZE))
         log.info("created volume %s (%s)", DEFAULT_VOLUME, DEFAULT_VOLUME_SIZE)
-    metas = [store.get(name) for name in names]  # fails early on a missing volume
-    trio.run(_serve, store, metas, listen, read_only, policy, pid_file)
+    return [DEFAULT_VOLUME]
+
+
+def _faults(io_depth: int, error_rate: float, error_status: str, delay: float) -> Faults:
+    if not 0 < io_depth <= PF_MAX_IO_DEPTH:
+        raise CliError(f"--io-depth must be 1 to {PF_MAX_IO_DEPTH}")
+    try:
+        return Faults(error_rate, int(error_status, 0), delay)
+    except ValueError as error:
+        raise CliError(f"fault injection: {error}") from None
 
 
 def _tls_context(mode: TlsMode, directory: Path | None, verify_peer: bool) -> ssl.SSLContext | None:
@@ -267,21 +382,23 @@ class SystemdListen(Listen):
 
 
 async def _serve(
-    store: Store, metas: list[VolumeMeta], listen: Listen, read_only: bool, policy: Policy,
+    client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool, policy: Policy,
     pid_file: Path | None,
 ) -> None:
-    listeners = await listen.open()  # first: a socket in use fails at once
-    try:
-        async with open_exports(EmulatedClient(store), metas, read_only) as exports:
-            if pid_file is not None:
-                write_pid_file(pid_file)
-            server = Server(exports, policy)
-            shutdown = trio.Event()
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+    # Signals are caught before the socket appears: a client that sees the socket
+    # may already ask us to stop.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        listeners = await listen.open()  # before the exports: a socket in use fails at once
+        try:
+            async with open_exports(client, specs, read_only) as exports:
+                if pid_file is not None:
+                    write_pid_file(pid_file)
+                server = Server(exports, policy)
+                shutdown = trio.Event()
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.run, listeners, shutdown)
                     log.info("%s", logfmt(
-                        "serving", exports=",".join(m.name for m in metas),
+                        "serving", exports=",".join(spec.name for spec in specs),
                         listen=",".join(listen.describe(listeners)),
                         tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
                         max_connections=policy.max_connections))
@@ -293,11 +410,11 @@ async def _serve(
                                  signal.Signals(signum).name)
                         shutdown.set()
                         break
-            _log_lines(server.stats())
-    finally:
-        listen.remove()
-        if pid_file is not None:
-            remove_pid_file(pid_file)
+                _log_lines(server.stats())
+        finally:
+            listen.remove()
+            if pid_file is not None:
+                remove_pid_file(pid_file)
 
 
 def _log_lines(lines: list[str]) -> None:

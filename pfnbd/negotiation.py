@@ -81,8 +81,9 @@ class Agreement:
     """What the two sides settled on, handed to the transmission phase."""
 
     export: ExportInfo
-    structured_replies: bool
+    structured_replies: bool  # true under extended headers too: they carry chunks
     meta_contexts: dict[int, str]  # context id -> name
+    extended_headers: bool = False
 
 
 @attrs.frozen
@@ -122,6 +123,7 @@ class Negotiation:
         """Sets every attribute an option can change: STARTTLS calls it again, since no
         option state may survive it (the spec, on NBD_OPT_STARTTLS)."""
         self.structured_replies = False
+        self.extended_headers = False
         self._meta_contexts: dict[int, str] = {}
         self._meta_context_export: str | None = None
 
@@ -197,6 +199,8 @@ class Negotiation:
     # -- option handlers --------------------------------------------------
 
     def _export_name(self, option: int, data: bytes) -> OptionOutcome:
+        if self.extended_headers:
+            raise RemoteProtocolError("NBD_OPT_EXPORT_NAME after extended headers")
         try:
             export = self._lookup(data.decode())
         except UnicodeDecodeError:
@@ -270,7 +274,16 @@ class Negotiation:
     def _structured_reply(self, option: int, data: bytes) -> OptionOutcome:
         if data:
             return self._invalid(option, "NBD_OPT_STRUCTURED_REPLY carries no data")
+        if self.extended_headers:
+            return OptionOutcome([option_error(
+                option, p.OptionReply.ERR_EXT_HEADER_REQD, "extended headers are already in use")])
         self.structured_replies = True
+        return OptionOutcome([option_reply(option, p.OptionReply.ACK)])
+
+    def _extended_headers(self, option: int, data: bytes) -> OptionOutcome:
+        if data:
+            return self._invalid(option, "NBD_OPT_EXTENDED_HEADERS carries no data")
+        self.extended_headers = self.structured_replies = True
         return OptionOutcome([option_reply(option, p.OptionReply.ACK)])
 
     def _meta_context(self, option: int, data: bytes) -> OptionOutcome:
@@ -317,6 +330,7 @@ class Negotiation:
         p.Option.INFO: _info_or_go,
         p.Option.GO: _info_or_go,
         p.Option.STRUCTURED_REPLY: _structured_reply,
+        p.Option.EXTENDED_HEADERS: _extended_headers,
         p.Option.LIST_META_CONTEXT: _meta_context,
         p.Option.SET_META_CONTEXT: _meta_context,
     }
@@ -336,7 +350,7 @@ class Negotiation:
 
     def _agree(self, export: ExportInfo) -> Agreement:
         contexts = self._meta_contexts if self._meta_context_export == export.name else {}
-        return Agreement(export, self.structured_replies, dict(contexts))
+        return Agreement(export, self.structured_replies, dict(contexts), self.extended_headers)
 
     @staticmethod
     def _invalid(option: int, message: str) -> OptionOutcome:

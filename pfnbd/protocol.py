@@ -34,8 +34,10 @@ NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 # Sizes the spec fixes.
 EXPORT_NAME_PADDING = 124
@@ -144,6 +146,7 @@ class ChunkType(enum.IntEnum):
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
+    BLOCK_STATUS_EXT = 6
     ERROR = (1 << 15) | 1
     ERROR_OFFSET = (1 << 15) | 2
 
@@ -259,6 +262,17 @@ request = Struct(
     "length" / Int32ub,
 )
 
+# With NBD_OPT_EXTENDED_HEADERS: the length is 64 bits, a payload length when the
+# PAYLOAD_LEN flag is set and an effect length otherwise.
+extended_request = Struct(
+    "magic" / Int32ub,
+    "flags" / Int16ub,
+    "type" / Int16ub,
+    "cookie" / Int64ub,
+    "offset" / Int64ub,
+    "length" / Int64ub,
+)
+
 simple_reply = Struct(
     "magic" / Const(SIMPLE_REPLY_MAGIC, Int32ub),
     "error" / Int32ub,
@@ -273,7 +287,18 @@ chunk_header = Struct(
     "length" / Int32ub,
 )
 
+# Every reply under extended headers: the offset echoes the request's.
+extended_chunk_header = Struct(
+    "magic" / Const(EXTENDED_REPLY_MAGIC, Int32ub),
+    "flags" / Int16ub,
+    "type" / Int16ub,
+    "cookie" / Int64ub,
+    "offset" / Int64ub,
+    "length" / Int64ub,
+)
+
 extent = Struct("length" / Int32ub, "flags" / Int32ub)
+extent_ext = Struct("length" / Int64ub, "flags" / Int64ub)
 
 # Chunk payloads by type.  OFFSET_DATA's payload is its offset followed by the data;
 # the writer sends the data as a separate buffer, so only the offset is a schema.
@@ -283,6 +308,9 @@ chunk_payloads = {
     ChunkType.OFFSET_HOLE: Struct("offset" / Int64ub, "size" / Int32ub),
     ChunkType.BLOCK_STATUS: Struct(
         "context_id" / Int32ub, "extents" / GreedyRange(extent)
+    ),
+    ChunkType.BLOCK_STATUS_EXT: Struct(
+        "context_id" / Int32ub, "extents" / PrefixedArray(Int32ub, extent_ext)
     ),
     ChunkType.ERROR: Struct("error" / Int32ub, "message" / PascalString(Int16ub, "utf8")),
     ChunkType.ERROR_OFFSET: Struct(
@@ -296,8 +324,11 @@ offset_data_prefix = Struct("offset" / Int64ub)
 
 # A whole structured reply chunk, header and payload: what a client parses.
 structured_chunk = Struct("header" / chunk_header, "payload" / Bytes(this.header.length))
+extended_chunk = Struct("header" / extended_chunk_header, "payload" / Bytes(this.header.length))
 
 # Compiled forms of the schemas on the per-request path (tests check they agree).
 request_compiled = request.compile()
+extended_request_compiled = extended_request.compile()
 simple_reply_compiled = simple_reply.compile()
 chunk_header_compiled = chunk_header.compile()
+extended_chunk_header_compiled = extended_chunk_header.compile()

@@ -29,11 +29,11 @@ import trio
 
 from . import protocol as p
 from .negotiation import Agreement, Channel, ExportInfo, Negotiation, RemoteProtocolError, TlsMode, negotiate
-from .store import VolumeMeta
+from .store import split_snapshot_name
 from .streams import ClientDisconnected
 from .tls import TlsHandshakeError, TlsStream
 from .transmission import Counters, Transmission
-from .volume import EmulatedClient, VolumeBridge
+from .volume import VolumeBridge, VolumeClient
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,28 @@ def export_flags(read_only: bool) -> p.TransmissionFlags:
     return flags | p.TransmissionFlags.READ_ONLY if read_only else flags
 
 
+@attrs.frozen
+class ExportSpec:
+    """An export to open: `volume` or `volume@snapshot`, and how LIST describes it."""
+
+    name: str
+    description: str
+
+
 @asynccontextmanager
 async def open_exports(
-    client: EmulatedClient, metas: Sequence[VolumeMeta], read_only: bool
+    client: VolumeClient, specs: Sequence[ExportSpec], read_only: bool
 ) -> AsyncIterator[list[Export]]:
     """Opens each volume once; every connection to it shares the one bridge."""
     bridges: list[VolumeBridge] = []
     try:
         exports = []
-        for meta in metas:
-            bridge = VolumeBridge(client.open_volume(meta.name))
+        for spec in specs:
+            volume, snapshot = split_snapshot_name(spec.name)
+            bridge = VolumeBridge(client.open_volume(volume, snapshot))
             bridges.append(bridge)
             export_read_only = read_only or bridge.backend.read_only
-            info = ExportInfo(meta.name, meta.describe(), bridge.size, export_flags(export_read_only))
+            info = ExportInfo(spec.name, spec.description, bridge.size, export_flags(export_read_only))
             exports.append(Export(info, bridge, export_read_only))
         yield exports
     finally:
@@ -288,13 +297,19 @@ def _summary(connection: _Connection, outcome: str) -> str:
     if isinstance(stream, TlsStream):
         fields.update(tls=stream.version, client_cert=stream.peer_subject)
     if connection.agreement is not None:
-        fields["structured"] = "yes" if connection.agreement.structured_replies else "no"
+        fields["replies"] = _reply_kind(connection.agreement)
         fields["contexts"] = ",".join(connection.agreement.meta_contexts.values()) or None
     if connection.transmission is not None:
         fields.update(attrs.asdict(connection.transmission.counters))
     fields["seconds"] = f"{trio.current_time() - connection.started:.3f}"
     fields["end"] = outcome
     return logfmt("connection", **fields)
+
+
+def _reply_kind(agreement: Agreement) -> str:
+    if agreement.extended_headers:
+        return "extended"
+    return "structured" if agreement.structured_replies else "simple"
 
 
 def _peer_fields(stream: trio.abc.Stream) -> dict[str, object]:

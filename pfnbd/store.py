@@ -1,17 +1,27 @@
-"""The embedded cluster's storage: volumes as sparse files plus atomic metadata.
+"""The embedded cluster's storage: volumes and snapshots as sparse files.
 
 Layout under the data directory::
 
-    volumes/NAME.json   metadata, replaced atomically (write, fsync, rename, fsync dir)
-    volumes/NAME.img    the volume's bytes, a sparse file: never-written space is a hole
+    volumes/NAME.json        metadata with the snapshot list, replaced atomically
+    volumes/NAME.img         the volume's bytes (the head); never-written space is a hole
+    volumes/NAME@SNAP.img    what SNAP preserved: chunks copied before the head overwrote them
+    volumes/NAME@SNAP.map    one byte per chunk: 1 once that chunk is preserved in SNAP
+    volumes/NAME.barrier     lock: head writes hold it shared, snapshot changes exclusive
 
-The metadata file is the commit point: a volume exists once its JSON is in place, and
-is gone once it is removed.  A served volume holds a shared lock on its image so that
-`delete` can refuse it.
+The metadata file is the commit point: a volume or snapshot exists once its JSON says
+so.  Snapshots are copy-before-write, so creating one copies nothing and the head's
+reads stay a plain `pread`.  Reading snapshot S falls through S, then every newer
+snapshot, then the head: the first one that preserved a chunk holds S's data for it.
+
+Locks between processes sharing a data directory: a served image holds a shared
+`flock` (so `delete` refuses it), the one process writing a head holds NAME.writer
+exclusively, and snapshot creation/deletion takes the barrier exclusively, so every
+head write lands either wholly before a snapshot or wholly copied-before after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import datetime
@@ -20,22 +30,24 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 
 SECTOR = 512
+CHUNK = 64 * 1024  # copy-before-write granularity
 MAX_NAME_LENGTH = 96  # PureFlash's limit on volume names
-VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+SUFFIX_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+_ZEROES = bytes(CHUNK)
+T = TypeVar("T")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-SUFFIX_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 
 
 def human_size(size: int) -> str:
@@ -61,12 +73,29 @@ class VolumeBusy(StoreError):
     pass
 
 
-def check_volume_name(name: str) -> None:
-    if not VOLUME_NAME.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+def check_name(name: str, what: str = "volume") -> None:
+    if not NAME.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
         raise StoreError(
-            f"invalid volume name {name!r}: use up to {MAX_NAME_LENGTH} letters, digits, "
+            f"invalid {what} name {name!r}: use up to {MAX_NAME_LENGTH} letters, digits, "
             "'_', '.' or '-', starting with a letter or digit"
         )
+
+
+def split_snapshot_name(name: str) -> tuple[str, str | None]:
+    """`test_v1@snap1` -> (`test_v1`, `snap1`), as QEMU's pfbd driver names snapshots."""
+    volume, at, snapshot = name.partition("@")
+    return volume, (snapshot if at else None)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@attrs.frozen
+class SnapshotMeta:
+    name: str
+    id: int
+    created: str
 
 
 @attrs.frozen
@@ -76,13 +105,29 @@ class VolumeMeta:
     id: int
     replicas: int = 1
     created: str = ""
+    snapshots: tuple[SnapshotMeta, ...] = ()  # oldest first
 
     def to_json(self) -> dict:
         return attrs.asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict) -> VolumeMeta:
+        snapshots = tuple(SnapshotMeta(**s) for s in data.pop("snapshots", ()))
+        return cls(**data, snapshots=snapshots)
+
     def describe(self) -> str:
         replicas = "replica" if self.replicas == 1 else "replicas"
         return f"PureFlash volume {self.name}, {human_size(self.size)}, {self.replicas} {replicas}"
+
+    def snapshot_index(self, snapshot: str) -> int:
+        for index, s in enumerate(self.snapshots):
+            if s.name == snapshot:
+                return index
+        raise VolumeNotFound(f"volume {self.name!r} has no snapshot {snapshot!r}")
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.size // CHUNK)
 
 
 @attrs.frozen
@@ -112,23 +157,63 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _flocked(path: Path, operation: int, busy_message: str | None = None) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            raise VolumeBusy(busy_message or f"{path.name} is locked") from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _create_sparse(path: Path, size: int) -> None:
+    with open(path, "xb") as f:
+        f.truncate(size)
+        os.fsync(f.fileno())
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._volumes = self.root / "volumes"
+        self._dir = self.root / "volumes"
+
+    # -- paths ------------------------------------------------------------
 
     def _meta_path(self, name: str) -> Path:
-        return self._volumes / f"{name}.json"
+        return self._dir / f"{name}.json"
 
-    def image_path(self, name: str) -> Path:
-        return self._volumes / f"{name}.img"
+    def image_path(self, name: str, snapshot: str | None = None) -> Path:
+        return self._dir / (f"{name}@{snapshot}.img" if snapshot else f"{name}.img")
 
-    def _locked(self) -> "_DirectoryLock":
-        self._volumes.mkdir(parents=True, exist_ok=True)
-        return _DirectoryLock(self._volumes / ".lock")
+    def _map_path(self, name: str, snapshot: str) -> Path:
+        return self._dir / f"{name}@{snapshot}.map"
+
+    def _barrier_path(self, name: str) -> Path:
+        return self._dir / f"{name}.barrier"
+
+    def _writer_path(self, name: str) -> Path:
+        return self._dir / f"{name}.writer"
+
+    @contextlib.contextmanager
+    def _barrier(self, name: str) -> Iterator[None]:
+        """Holds off head writes of an existing volume while its snapshots change."""
+        self.get(name)  # before creating a lock file for a volume that does not exist
+        with _flocked(self._barrier_path(name), fcntl.LOCK_EX):
+            yield
+
+    def _locked(self):
+        """Serialises volume creation and deletion between processes."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        return _flocked(self._dir / ".lock", fcntl.LOCK_EX)
+
+    # -- volumes ----------------------------------------------------------
 
     def create(self, name: str, size: int, replicas: int = 1) -> VolumeMeta:
-        check_volume_name(name)
+        check_name(name)
         if size <= 0 or size % SECTOR:
             raise StoreError(f"volume size must be a positive multiple of {SECTOR} bytes, not {size}")
         if not 1 <= replicas <= 3:
@@ -137,103 +222,374 @@ class Store:
             if self._meta_path(name).exists():
                 raise VolumeExists(f"volume {name!r} already exists")
             next_id = 1 + max((v.id for v in self.list()), default=0)
-            with open(self.image_path(name), "wb") as image:
-                image.truncate(size)
-                os.fsync(image.fileno())
-            meta = VolumeMeta(
-                name, size, next_id, replicas,
-                datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            )
-            _write_atomically(self._meta_path(name), json.dumps(meta.to_json()).encode())
+            image = self.image_path(name)
+            image.unlink(missing_ok=True)  # debris of a create that crashed
+            try:
+                _create_sparse(image, size)
+            except (OSError, OverflowError) as error:
+                image.unlink(missing_ok=True)
+                reason = getattr(error, "strerror", None) or "too large"
+                raise StoreError(f"cannot create volume {name!r} of {human_size(size)}: {reason}") from None
+            meta = VolumeMeta(name, size, next_id, replicas, _now())
+            self._write_meta(meta)
             return meta
 
+    def _write_meta(self, meta: VolumeMeta) -> None:
+        _write_atomically(self._meta_path(meta.name), json.dumps(meta.to_json()).encode())
+
     def get(self, name: str) -> VolumeMeta:
+        if "@" in name:
+            raise StoreError(f"{name!r} names a snapshot, not a volume")
         try:
-            return VolumeMeta(**json.loads(self._meta_path(name).read_bytes()))
+            return VolumeMeta.from_json(json.loads(self._meta_path(name).read_bytes()))
         except FileNotFoundError:
             raise VolumeNotFound(f"no volume named {name!r}") from None
 
+    def get_export(self, name: str) -> tuple[VolumeMeta, SnapshotMeta | None]:
+        """A volume, or `VOLUME@SNAP` for one of its snapshots."""
+        volume, snapshot = split_snapshot_name(name)
+        meta = self.get(volume)
+        if snapshot is None:
+            return meta, None
+        return meta, meta.snapshots[meta.snapshot_index(snapshot)]
+
+    def describe(self, name: str) -> str:
+        """What NBD_OPT_LIST and INFO say of an export."""
+        meta, snapshot = self.get_export(name)
+        if snapshot is None:
+            return meta.describe()
+        return f"snapshot {snapshot.name} of {meta.describe()}, read-only"
+
     def list(self) -> list[VolumeMeta]:
-        if not self._volumes.is_dir():
+        if not self._dir.is_dir():
             return []
-        return sorted(
-            (self.get(path.stem) for path in self._volumes.glob("*.json")), key=lambda v: v.name
-        )
+        return sorted((self.get(p.stem) for p in self._dir.glob("*.json")), key=lambda v: v.name)
 
     def delete(self, name: str) -> None:
+        """Deletes a volume with its snapshots; refused while any of them is served."""
         with self._locked():
-            self.get(name)
-            fd = os.open(self.image_path(name), os.O_RDONLY)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise VolumeBusy(f"volume {name!r} is being served") from None
+            meta = self.get(name)
+            images = [self.image_path(name)] + [self.image_path(name, s.name) for s in meta.snapshots]
+            with contextlib.ExitStack() as held:
+                for image in images:
+                    held.enter_context(_flocked(image, fcntl.LOCK_EX | fcntl.LOCK_NB,
+                                                f"volume {name!r} is being served"))
                 self._meta_path(name).unlink()
-                _fsync_directory(self._volumes)
-                self.image_path(name).unlink()
-            finally:
-                os.close(fd)
+                _fsync_directory(self._dir)
+            for path in images + [self._map_path(name, s.name) for s in meta.snapshots]:
+                path.unlink(missing_ok=True)
+            self._barrier_path(name).unlink(missing_ok=True)
+            self._writer_path(name).unlink(missing_ok=True)
 
-    def open_image(self, name: str, writable: bool) -> "Image":
-        meta = self.get(name)
-        return Image(self.image_path(name), meta.size, writable)
+    # -- snapshots --------------------------------------------------------
+
+    def create_snapshot(self, name: str, snapshot: str) -> SnapshotMeta:
+        check_name(snapshot, "snapshot")
+        with self._locked(), self._barrier(name):
+            meta = self.get(name)
+            if any(s.name == snapshot for s in meta.snapshots):
+                raise VolumeExists(f"volume {name!r} already has a snapshot {snapshot!r}")
+            for path in (self.image_path(name, snapshot), self._map_path(name, snapshot)):
+                path.unlink(missing_ok=True)  # debris of a create that crashed
+            _create_sparse(self.image_path(name, snapshot), meta.size)
+            _create_sparse(self._map_path(name, snapshot), meta.chunks)
+            new = SnapshotMeta(snapshot, 1 + max((s.id for s in meta.snapshots), default=0), _now())
+            self._write_meta(attrs.evolve(meta, snapshots=(*meta.snapshots, new)))
+            return new
+
+    def delete_snapshot(self, name: str, snapshot: str) -> None:
+        """Folds what the snapshot preserved into the next older one, then drops it."""
+        with self._locked(), self._barrier(name):
+            meta = self.get(name)
+            index = meta.snapshot_index(snapshot)
+            image = self.image_path(name, snapshot)
+            with _flocked(image, fcntl.LOCK_EX | fcntl.LOCK_NB, f"snapshot {name}@{snapshot} is being served"):
+                if index > 0:
+                    self._fold(meta, meta.snapshots[index], meta.snapshots[index - 1])
+                snapshots = meta.snapshots[:index] + meta.snapshots[index + 1 :]
+                self._write_meta(attrs.evolve(meta, snapshots=snapshots))
+            image.unlink()
+            self._map_path(name, snapshot).unlink()
+
+    def _fold(self, meta: VolumeMeta, newer: SnapshotMeta, older: SnapshotMeta) -> None:
+        """Copies chunks `newer` preserved and `older` did not, so `older` reads the same."""
+        with _SnapshotFiles(self, meta.name, newer.name) as source, \
+                _SnapshotFiles(self, meta.name, older.name, writable=True) as target:
+            source_map, target_map = source.read_map(0, meta.chunks), target.read_map(0, meta.chunks)
+            moved = [c for c in range(meta.chunks) if source_map[c] and not target_map[c]]
+            for chunk in moved:
+                start = chunk * CHUNK
+                data = os.pread(source.image, min(CHUNK, meta.size - start), start)
+                if data != _ZEROES[: len(data)]:
+                    os.pwrite(target.image, data, start)
+            os.fsync(target.image)
+            for chunk in moved:
+                os.pwrite(target.map, b"\1", chunk)
+            os.fsync(target.map)
+
+    # -- opening ----------------------------------------------------------
+
+    def open_image(self, name: str) -> HeadImage | SnapshotImage:
+        """The image behind an export name: a volume's head, or `VOLUME@SNAP`."""
+        meta, snapshot = self.get_export(name)
+        if snapshot is None:
+            return HeadImage(self, meta)
+        return SnapshotImage(self, meta, snapshot.name)
+
+    def read_meta_if_changed(self, name: str, stamp: tuple | None) -> tuple[tuple, VolumeMeta | None]:
+        st = os.stat(self._meta_path(name))
+        current = (st.st_ino, st.st_mtime_ns, st.st_size)
+        return current, (self.get(name) if current != stamp else None)
 
 
-class _DirectoryLock:
-    """Serialises create/delete between processes sharing a data directory."""
+class _SnapshotFiles:
+    """One snapshot's preserved chunks and its map."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
+    def __init__(self, store: Store, name: str, snapshot: str, writable: bool = False) -> None:
+        mode = os.O_RDWR if writable else os.O_RDONLY
+        self.snapshot = snapshot
+        self.image = os.open(store.image_path(name, snapshot), mode)
+        self.map = os.open(store._map_path(name, snapshot), mode)
 
-    def __enter__(self) -> None:
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self._fd)
-
-
-class Image:
-    """One volume's bytes.  Offsets and lengths are the caller's to bound-check."""
-
-    def __init__(self, path: Path, size: int, writable: bool) -> None:
-        self.size = size
-        self.writable = writable
-        self._fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-        fcntl.flock(self._fd, fcntl.LOCK_SH)  # `volume delete` refuses a served volume
-
-    def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
-        return os.preadv(self._fd, buffers, offset)
-
-    def writev(self, buffers: Sequence[bytes | memoryview], offset: int) -> int:
-        return os.pwritev(self._fd, buffers, offset)
-
-    def punch_hole(self, offset: int, length: int) -> None:
-        if _libc.fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        """Allocated and unallocated runs covering [offset, offset + length)."""
-        end = offset + length
-        while offset < end:
-            try:
-                data = os.lseek(self._fd, offset, os.SEEK_DATA)
-            except OSError as error:
-                if error.errno != errno.ENXIO:  # ENXIO: no data past offset
-                    raise
-                data = end
-            if data > offset:
-                yield Extent(offset, min(data, end) - offset, False)
-                offset = min(data, end)
-                continue
-            hole = min(os.lseek(self._fd, offset, os.SEEK_HOLE), end)
-            yield Extent(offset, hole - offset, True)
-            offset = hole
-
-    def sync(self) -> None:
-        os.fdatasync(self._fd)
+    def read_map(self, first_chunk: int, count: int) -> bytes:
+        return os.pread(self.map, count, first_chunk)
 
     def close(self) -> None:
-        os.close(self._fd)
+        os.close(self.image)
+        os.close(self.map)
+
+    def __enter__(self) -> _SnapshotFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _chunks(offset: int, length: int) -> range:
+    return range(offset // CHUNK, -(-(offset + length) // CHUNK))
+
+
+def file_extents(fd: int, offset: int, length: int) -> Iterator[Extent]:
+    """Allocated and unallocated runs of a sparse file covering [offset, offset + length)."""
+    end = offset + length
+    while offset < end:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # ENXIO: no data past offset
+                raise
+            data = end
+        if data > offset:
+            yield Extent(offset, min(data, end) - offset, False)
+            offset = min(data, end)
+            continue
+        hole = min(os.lseek(fd, offset, os.SEEK_HOLE), end)
+        yield Extent(offset, hole - offset, True)
+        offset = hole
+
+
+class _Image:
+    """What both image kinds share: the head file, its size, shared-lock lifetime."""
+
+    writable = False
+
+    def __init__(self, store: Store, meta: VolumeMeta, path: Path, mode: int) -> None:
+        self._store = store
+        self.name = meta.name
+        self.size = meta.size
+        self._head = os.open(store.image_path(meta.name), mode)
+        self._own = os.open(path, os.O_RDONLY)
+        fcntl.flock(self._own, fcntl.LOCK_SH)  # `delete` refuses a served image
+
+    def close(self) -> None:
+        os.close(self._head)
+        os.close(self._own)
+
+
+class HeadImage(_Image):
+    """A volume's live bytes; writes copy what a snapshot still needs first."""
+
+    writable = True
+
+    def __init__(self, store: Store, meta: VolumeMeta) -> None:
+        self._writer = os.open(store._writer_path(meta.name), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._writer)
+            raise VolumeBusy(f"volume {meta.name!r} is already served by another process") from None
+        super().__init__(store, meta, store.image_path(meta.name), os.O_RDWR)
+        self._barrier = os.open(store._barrier_path(meta.name), os.O_RDWR | os.O_CREAT, 0o644)
+        self._stamp: tuple | None = None
+        self._newest: _SnapshotFiles | None = None
+        self._newest_map = bytearray()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Picks up snapshots taken or deleted since the last write (by any process)."""
+        self._stamp, meta = self._store.read_meta_if_changed(self.name, self._stamp)
+        if meta is None:
+            return
+        newest = meta.snapshots[-1].name if meta.snapshots else None
+        if self._newest is not None:
+            self._newest.close()
+            self._newest = None
+        if newest is not None:
+            self._newest = _SnapshotFiles(self._store, self.name, newest, writable=True)
+            self._newest_map = bytearray(self._newest.read_map(0, meta.chunks))
+
+    @contextlib.contextmanager
+    def _writing(self, offset: int, length: int) -> Iterator[None]:
+        fcntl.flock(self._barrier, fcntl.LOCK_SH)
+        try:
+            self._refresh()
+            self._preserve(offset, length)
+            yield
+        finally:
+            fcntl.flock(self._barrier, fcntl.LOCK_UN)
+
+    def _preserve(self, offset: int, length: int) -> None:
+        snapshot = self._newest
+        if snapshot is None:
+            return
+        needed = [c for c in _chunks(offset, length) if not self._newest_map[c]]
+        if not needed:
+            return
+        for chunk in needed:
+            start = chunk * CHUNK
+            data = os.pread(self._head, min(CHUNK, self.size - start), start)
+            if data != _ZEROES[: len(data)]:  # a zero chunk stays a hole in the snapshot
+                os.pwrite(snapshot.image, data, start)
+        # The copies must be durable before the head is overwritten, or a crash could
+        # leave the snapshot pointing at new data.
+        os.fdatasync(snapshot.image)
+        for chunk in needed:
+            os.pwrite(snapshot.map, b"\1", chunk)
+            self._newest_map[chunk] = 1
+        os.fdatasync(snapshot.map)
+
+    def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
+        return os.preadv(self._head, buffers, offset)
+
+    def writev(self, buffers: Sequence[bytes | memoryview], offset: int) -> None:
+        with self._writing(offset, sum(map(len, buffers))):
+            os.pwritev(self._head, buffers, offset)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        with self._writing(offset, length):
+            if _libc.fallocate(self._head, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        return file_extents(self._head, offset, length)
+
+    def sync(self) -> None:
+        os.fdatasync(self._head)
+
+    def close(self) -> None:
+        if self._newest is not None:
+            self._newest.close()
+        os.close(self._barrier)
+        super().close()
+        os.close(self._writer)
+
+
+class SnapshotImage(_Image):
+    """A snapshot's bytes, read-only, resolved chunk by chunk."""
+
+    def __init__(self, store: Store, meta: VolumeMeta, snapshot: str) -> None:
+        super().__init__(store, meta, store.image_path(meta.name, snapshot), os.O_RDONLY)
+        self.snapshot = snapshot
+        self._stamp: tuple | None = None
+        self._files: dict[str, _SnapshotFiles] = {}
+        self._layers: list[_SnapshotFiles] = []
+
+    def _current_layers(self) -> list[_SnapshotFiles]:
+        """This snapshot and every newer one, oldest first, as the metadata says now."""
+        self._stamp, meta = self._store.read_meta_if_changed(self.name, self._stamp)
+        if meta is not None:
+            names = [s.name for s in meta.snapshots[meta.snapshot_index(self.snapshot):]]
+            for gone in set(self._files) - set(names):
+                self._files.pop(gone).close()
+            for name in names:
+                if name not in self._files:
+                    self._files[name] = _SnapshotFiles(self._store, self.name, name)
+            self._layers = [self._files[name] for name in names]
+        return self._layers
+
+    def _sources(self, first_chunk: int, count: int) -> list[int | None]:
+        """For each chunk, the file descriptor that holds this snapshot's data for it.
+
+        The head is read last and its answer validated: a head write may preserve a
+        chunk in a newer snapshot at any moment, but it preserves before it
+        overwrites, so a second look at the maps after reading the head is enough.
+        """
+        sources: list[int | None] = [None] * count
+        for layer in self._current_layers():
+            preserved = layer.read_map(first_chunk, count)
+            for i in range(count):
+                if sources[i] is None and preserved[i]:
+                    sources[i] = layer.image
+        return sources
+
+    def _resolved(self, offset: int, length: int, read_head: Callable[[], T]) -> tuple[list[int | None], T | None]:
+        """Each chunk's source, and what `read_head` gave if any chunk comes from the head."""
+        chunks = _chunks(offset, length)
+        while True:
+            sources = self._sources(chunks.start, len(chunks))
+            if None in sources:
+                result = read_head()
+                if self._sources(chunks.start, len(chunks)) != sources:
+                    continue  # a head write preserved a chunk meanwhile: look again
+            else:
+                result = None
+            return sources, result
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        sources, head_data = self._resolved(offset, length, lambda: os.pread(self._head, length, offset))
+        for index, chunk in enumerate(_chunks(offset, length)):
+            start = max(offset, chunk * CHUNK)
+            end = min(offset + length, (chunk + 1) * CHUNK)
+            if sources[index] is None:
+                out[start - offset : end - offset] = head_data[start - offset : end - offset]
+            else:
+                out[start - offset : end - offset] = os.pread(sources[index], end - start, start)
+        return bytes(out)
+
+    def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
+        data = self.read(offset, sum(map(len, buffers)))
+        position = 0
+        for buffer in buffers:
+            buffer[:] = data[position : position + len(buffer)]
+            position += len(buffer)
+        return len(data)
+
+    def writev(self, buffers: Sequence[bytes | memoryview], offset: int) -> None:
+        raise OSError(errno.EROFS, "snapshots are read-only")
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        raise OSError(errno.EROFS, "snapshots are read-only")
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        sources, head_extents = self._resolved(
+            offset, length, lambda: list(file_extents(self._head, offset, length)))
+        for index, chunk in enumerate(_chunks(offset, length)):
+            start = max(offset, chunk * CHUNK)
+            end = min(offset + length, (chunk + 1) * CHUNK)
+            if sources[index] is not None:
+                yield from file_extents(sources[index], start, end - start)
+            else:
+                for extent in head_extents:
+                    lo, hi = max(start, extent.offset), min(end, extent.offset + extent.length)
+                    if lo < hi:
+                        yield Extent(lo, hi - lo, extent.allocated)
+
+    def sync(self) -> None:
+        pass  # nothing to make durable: a snapshot is never written through here
+
+    def close(self) -> None:
+        for files in self._files.values():
+            files.close()
+        super().close()

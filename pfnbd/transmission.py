@@ -1,9 +1,9 @@
 """The transmission phase: one reader, concurrent handlers, one reply writer.
 
-One task reads requests (and WRITE payloads) in order.  Each request then runs in its
-own task in the connection's nursery, bounded in number and in buffered bytes, and
-its reply goes out when it completes: replies leave in completion order, each one
-whole under the writer's lock, never interleaved with another.
+One task reads requests (and their payloads) in order.  Each request then runs in
+its own task in the connection's nursery, bounded in number and in buffered bytes,
+and its reply goes out when it completes: replies leave in completion order, each
+one whole under the writer's lock, never interleaved with another.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import trio
 from . import protocol as p
 from .negotiation import Agreement, RemoteProtocolError
 from .streams import ClientDisconnected, Receiver
+from .store import Extent
 from .volume import VolumeBridge, VolumeIOError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ MAX_ERROR_MESSAGE = 200  # QEMU drops a connection on chunks over 1000 bytes
 
 Buffer = bytes | bytearray | memoryview
 
-# Flags each command accepts; any other flag is EINVAL.
+# Flags each command accepts; any other flag is EINVAL.  PAYLOAD_LEN is handled
+# with the payload, before these checks.
 ALLOWED_FLAGS = {
     p.Command.READ: p.CommandFlags.DF,
     p.Command.WRITE: p.CommandFlags.FUA,
@@ -66,14 +68,25 @@ class Request:
     command: int
     cookie: int
     offset: int
-    length: int
+    length: int  # the effect length; a payload's length when it carries one
 
     @classmethod
-    def parse(cls, header: bytes) -> Request:
-        fields = p.request_compiled.parse(header)
-        if fields.magic != p.REQUEST_MAGIC:
+    def parse(cls, header: bytes, extended: bool) -> Request:
+        schema, magic = (
+            (p.extended_request_compiled, p.EXTENDED_REQUEST_MAGIC) if extended
+            else (p.request_compiled, p.REQUEST_MAGIC)
+        )
+        fields = schema.parse(header)
+        if fields.magic != magic:
             raise RemoteProtocolError(f"bad request magic {fields.magic:#x}")
         return cls(fields.flags, fields.type, fields.cookie, fields.offset, fields.length)
+
+    @property
+    def name(self) -> str:
+        try:
+            return p.Command(self.command).name
+        except ValueError:
+            return str(self.command)
 
 
 @attrs.define
@@ -104,38 +117,54 @@ class ByteBudget:
         self._released.unpark_all()
 
 
-class ReplyWriter:
-    def __init__(self, stream: trio.abc.SendStream, structured: bool) -> None:
-        self._stream = stream
-        self._lock = trio.Lock()
+class Replies:
+    """Builds replies in the form the connection negotiated: simple, structured or extended.
+
+    Each method returns the buffers of one whole reply; the data of a READ is its own
+    buffer so that it is never copied into a bigger one.
+    """
+
+    def __init__(self, structured: bool, extended: bool) -> None:
         self.structured = structured
+        self.extended = extended
 
-    async def send(self, buffers: Sequence[Buffer]) -> None:
-        async with self._lock:  # a reply leaves whole, never interleaved
-            for buffer in buffers:
-                await self._stream.send_all(buffer)
-
-    @staticmethod
-    def simple(cookie: int, error: p.Errno = p.Errno.OK, data: Buffer = b"") -> list[Buffer]:
-        header = p.simple_reply_compiled.build(dict(error=error, cookie=cookie))
-        return [header, data] if data else [header]
-
-    @staticmethod
-    def chunk(cookie: int, chunk_type: p.ChunkType, payload: Buffer, data: Buffer = b"",
-              done: bool = True) -> list[Buffer]:
-        header = p.chunk_header_compiled.build(
-            dict(flags=p.ReplyFlags.DONE if done else 0, type=chunk_type, cookie=cookie,
-                 length=len(payload) + len(data))
-        )
+    def _chunk(self, request: Request, chunk_type: p.ChunkType, payload: bytes,
+               data: Buffer = b"") -> list[Buffer]:
+        fields = dict(flags=p.ReplyFlags.DONE, type=chunk_type, cookie=request.cookie,
+                      length=len(payload) + len(data))
+        if self.extended:
+            header = p.extended_chunk_header_compiled.build(dict(fields, offset=request.offset))
+        else:
+            header = p.chunk_header_compiled.build(fields)
         return [header + payload, data] if data else [header + payload]
 
+    def done(self, request: Request) -> list[Buffer]:
+        """Success without data."""
+        if self.extended:  # simple replies are forbidden under extended headers
+            return self._chunk(request, p.ChunkType.NONE, b"")
+        return [p.simple_reply_compiled.build(dict(error=p.Errno.OK, cookie=request.cookie))]
+
+    def data(self, request: Request, data: Buffer) -> list[Buffer]:
+        if not self.structured:
+            header = p.simple_reply_compiled.build(dict(error=p.Errno.OK, cookie=request.cookie))
+            return [header, data] if data else [header]
+        if not data:
+            return self._chunk(request, p.ChunkType.NONE, b"")
+        prefix = p.offset_data_prefix.build(dict(offset=request.offset))
+        return self._chunk(request, p.ChunkType.OFFSET_DATA, prefix, data)
+
     def error(self, request: Request, error: p.Errno, message: str) -> list[Buffer]:
-        if self.structured and request.command in (p.Command.READ, p.Command.BLOCK_STATUS):
-            payload = p.chunk_payloads[p.ChunkType.ERROR].build(
-                dict(error=error, message=message[:MAX_ERROR_MESSAGE])
-            )
-            return self.chunk(request.cookie, p.ChunkType.ERROR, payload)
-        return self.simple(request.cookie, error)
+        if not self.structured:
+            return [p.simple_reply_compiled.build(dict(error=error, cookie=request.cookie))]
+        payload = p.chunk_payloads[p.ChunkType.ERROR].build(
+            dict(error=error, message=message[:MAX_ERROR_MESSAGE])
+        )
+        return self._chunk(request, p.ChunkType.ERROR, payload)
+
+    def block_status(self, request: Request, context_id: int, extents: list[dict]) -> list[Buffer]:
+        chunk_type = p.ChunkType.BLOCK_STATUS_EXT if self.extended else p.ChunkType.BLOCK_STATUS
+        payload = p.chunk_payloads[chunk_type].build(dict(context_id=context_id, extents=extents))
+        return self._chunk(request, chunk_type, payload)
 
 
 class Transmission:
@@ -149,11 +178,14 @@ class Transmission:
         bridge: VolumeBridge,
         read_only: bool,
     ) -> None:
+        self._stream = stream
+        self._send_lock = trio.Lock()
         self._receiver = receiver
         self._agreement = agreement
         self._bridge = bridge
         self._read_only = read_only
-        self._writer = ReplyWriter(stream, agreement.structured_replies)
+        self._replies = Replies(agreement.structured_replies, agreement.extended_headers)
+        self._header = (p.extended_request if agreement.extended_headers else p.request).sizeof()
         self._slots = trio.Semaphore(MAX_REQUESTS_IN_FLIGHT)
         self._budget = ByteBudget(MAX_BYTES_IN_FLIGHT)
         self._max_payload = agreement.export.block_sizes.maximum
@@ -171,60 +203,90 @@ class Transmission:
                         raise
                     # EOF between requests: answer what is in flight, as after DISC.
 
-    async def _read_requests(self, handlers: trio.Nursery) -> None:
-        while True:
-            request = Request.parse(await self._receiver.receive_exactly(p.request.sizeof()))
-            if request.command == p.Command.DISC:
-                return
-            await self._slots.acquire()
-            try:
-                reserved = await self._budget.acquire(self._buffer_size(request))
-                payload = await self._receive_payload(request)
-            except BaseException:
-                self._slots.release()
-                raise
-            handlers.start_soon(self._handle, request, payload, reserved)
-
     def stop_reading(self) -> None:
         """Shutdown: take no new requests, finish the ones in flight."""
         self.reading.cancel()
 
-    def _buffer_size(self, request: Request) -> int:
-        if request.command in (p.Command.READ, p.Command.WRITE) and request.length <= self._max_payload:
+    async def _read_requests(self, handlers: trio.Nursery) -> None:
+        extended = self._agreement.extended_headers
+        while True:
+            request = Request.parse(await self._receiver.receive_exactly(self._header), extended)
+            if request.command == p.Command.DISC:
+                return
+            await self._slots.acquire()
+            try:
+                payload, refusal = await self._receive_payload(request)
+            except BaseException:
+                self._slots.release()
+                raise
+            handlers.start_soon(self._handle, request, payload, refusal)
+
+    def _payload_length(self, request: Request) -> int:
+        # The spec has WRITE set PAYLOAD_LEN under extended headers, but QEMU 10's
+        # client does not, and QEMU's server reads a WRITE's payload either way: so do we.
+        if request.command == p.Command.WRITE or (
+            self._agreement.extended_headers and request.flags & p.CommandFlags.PAYLOAD_LEN
+        ):
             return request.length
         return 0
 
-    async def _receive_payload(self, request: Request) -> memoryview | None:
-        if request.command != p.Command.WRITE:
-            return None
-        if request.length > self._max_payload:
-            # Consume it so it is never parsed as the next header; the handler refuses it.
-            await self._receiver.discard(request.length)
-            return None
-        payload = memoryview(bytearray(request.length))
-        await self._receiver.receive_into(payload)
-        return payload
+    async def _receive_payload(self, request: Request) -> tuple[tuple[memoryview, int] | None, RequestError | None]:
+        """The request's payload and the bytes reserved for it, or why it is refused.
 
-    async def _handle(self, request: Request, payload: memoryview | None, reserved: int) -> None:
+        A payload that will be refused is still consumed, so it is never parsed as
+        the next header.
+        """
+        length = self._payload_length(request)
+        if length > self._max_payload:
+            if self._agreement.extended_headers:
+                raise RemoteProtocolError(f"payload of {length} bytes is over the maximum")
+            await self._receiver.discard(length)
+            return None, RequestError(p.Errno.EINVAL, f"request longer than {self._max_payload} bytes")
+        if length and request.command != p.Command.WRITE:
+            await self._receiver.discard(length)
+            return None, RequestError(p.Errno.EINVAL, f"{request.name} takes no payload")
+        reserved = await self._budget.acquire(length or self._read_size(request))
+        if request.command != p.Command.WRITE:
+            return (memoryview(b""), reserved), None
+        payload = memoryview(bytearray(length))
+        try:
+            await self._receiver.receive_into(payload)
+        except BaseException:
+            self._budget.release(reserved)
+            raise
+        return (payload, reserved), None
+
+    def _read_size(self, request: Request) -> int:
+        if request.command == p.Command.READ and request.length <= self._max_payload:
+            return request.length
+        return 0
+
+    async def _handle(self, request: Request, payload: tuple[memoryview, int] | None,
+                      refusal: RequestError | None) -> None:
         self.counters.requests += 1
+        data, reserved = payload or (memoryview(b""), 0)
         try:
             try:
+                if refusal is not None:
+                    raise refusal
                 self._check(request)
-                reply = await self._execute(request, payload)
+                reply = await self._execute(request, data)
             except RequestError as error:
                 reply = self._refuse(request, error.error, str(error))
             except VolumeIOError as error:
-                log.warning("request %s at %d+%d failed: %s",
-                            _command_name(request.command), request.offset, request.length, error)
+                log.warning("%s at %d+%d failed: %s", request.name, request.offset, request.length, error)
                 reply = self._refuse(request, NBD_ERRORS.get(error.errno, p.Errno.EIO), str(error))
-            await self._writer.send(reply)
+            async with self._send_lock:  # a reply leaves whole, never interleaved
+                for buffer in reply:
+                    await self._stream.send_all(buffer)
         finally:
             self._budget.release(reserved)
             self._slots.release()
 
     def _refuse(self, request: Request, error: p.Errno, message: str) -> list[Buffer]:
         self.counters.errors += 1
-        return self._writer.error(request, error, message)
+        log.debug("refused %s at %d+%d: %s", request.name, request.offset, request.length, message)
+        return self._replies.error(request, error, message)
 
     def _check(self, request: Request) -> None:
         """Refuses what the spec says to refuse, before anything is executed."""
@@ -233,31 +295,33 @@ class Transmission:
             allowed = ALLOWED_FLAGS[command]
         except (ValueError, KeyError):
             raise RequestError(p.Errno.EINVAL, f"unknown command {request.command}") from None
+        if self._agreement.extended_headers and command == p.Command.WRITE:
+            allowed |= p.CommandFlags.PAYLOAD_LEN
         if request.flags & ~allowed:
             raise RequestError(p.Errno.EINVAL, f"flags {request.flags:#x} are invalid for {command.name}")
-        if request.flags & p.CommandFlags.DF and not self._writer.structured:
+        if request.flags & p.CommandFlags.DF and not self._replies.structured:
             raise RequestError(p.Errno.EINVAL, "DF needs structured replies")
         if command in MUTATING and self._read_only:
             raise RequestError(p.Errno.EPERM, "the export is read-only")
         if command in WITH_RANGE and request.offset + request.length > self._bridge.size:
             error = p.Errno.ENOSPC if command in (p.Command.WRITE, p.Command.WRITE_ZEROES) else p.Errno.EINVAL
             raise RequestError(error, "request goes past the end of the export")
-        if command in (p.Command.READ, p.Command.WRITE) and request.length > self._max_payload:
-            raise RequestError(p.Errno.EINVAL, f"request longer than {self._max_payload} bytes")
+        if command == p.Command.READ and request.length > self._max_payload:
+            raise RequestError(p.Errno.EINVAL, f"read longer than {self._max_payload} bytes")
         if command == p.Command.BLOCK_STATUS:
             if not self._agreement.meta_contexts:
                 raise RequestError(p.Errno.EINVAL, "no metadata context was negotiated")
             if request.length == 0:
                 raise RequestError(p.Errno.EINVAL, "block status of zero bytes")
 
-    async def _execute(self, request: Request, payload: memoryview | None) -> list[Buffer]:
+    async def _execute(self, request: Request, payload: memoryview) -> list[Buffer]:
         bridge, offset, length = self._bridge, request.offset, request.length
         fua = bool(request.flags & p.CommandFlags.FUA)
         match request.command:
             case p.Command.READ:
                 data = await bridge.read(offset, length) if length else b""
                 self.counters.bytes_read += length
-                return self._read_reply(request, data)
+                return self._replies.data(request, data)
             case p.Command.WRITE:
                 if length:
                     await bridge.write(offset, payload, fua)
@@ -274,37 +338,22 @@ class Transmission:
             case p.Command.CACHE:
                 await bridge.cache(offset, length)
             case p.Command.BLOCK_STATUS:
-                return self._block_status_reply(request)
-        return ReplyWriter.simple(request.cookie)
-
-    def _read_reply(self, request: Request, data: Buffer) -> list[Buffer]:
-        if not self._writer.structured:
-            return ReplyWriter.simple(request.cookie, data=data)
-        if not data:
-            return ReplyWriter.chunk(request.cookie, p.ChunkType.NONE, b"")
-        prefix = p.offset_data_prefix.build(dict(offset=request.offset))
-        return ReplyWriter.chunk(request.cookie, p.ChunkType.OFFSET_DATA, prefix, data)
-
-    def _block_status_reply(self, request: Request) -> list[Buffer]:
-        limit = 1 if request.flags & p.CommandFlags.REQ_ONE else MAX_EXTENTS
-        extents: list[dict] = []
-        for extent in self._bridge.extents(request.offset, request.length):
-            state = p.BlockState.DATA if extent.allocated else p.BlockState.HOLE | p.BlockState.ZERO
-            if extents and extents[-1]["flags"] == state:
-                extents[-1]["length"] += extent.length
-            elif len(extents) == limit:
-                break
-            else:
-                extents.append(dict(length=extent.length, flags=state))
-        (context_id,) = self._agreement.meta_contexts
-        payload = p.chunk_payloads[p.ChunkType.BLOCK_STATUS].build(
-            dict(context_id=context_id, extents=extents)
-        )
-        return ReplyWriter.chunk(request.cookie, p.ChunkType.BLOCK_STATUS, payload)
+                limit = 1 if request.flags & p.CommandFlags.REQ_ONE else MAX_EXTENTS
+                extents = block_status_extents(bridge.extents(offset, length), limit)
+                (context_id,) = self._agreement.meta_contexts  # base:allocation is our only context
+                return self._replies.block_status(request, context_id, extents)
+        return self._replies.done(request)
 
 
-def _command_name(command: int) -> str:
-    try:
-        return p.Command(command).name
-    except ValueError:
-        return str(command)
+def block_status_extents(extents: Sequence[Extent], limit: int) -> list[dict]:
+    """`base:allocation` descriptors: runs of equal state merged, at most `limit`."""
+    descriptors: list[dict] = []
+    for extent in extents:
+        state = p.BlockState.DATA if extent.allocated else p.BlockState.HOLE | p.BlockState.ZERO
+        if descriptors and descriptors[-1]["flags"] == state:
+            descriptors[-1]["length"] += extent.length
+        elif len(descriptors) == limit:
+            break
+        else:
+            descriptors.append(dict(length=extent.length, flags=state))
+    return descriptors

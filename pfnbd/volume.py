@@ -19,16 +19,18 @@ from __future__ import annotations
 import errno
 import logging
 import queue
+import random
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
 import attrs
 import trio
 
-from .store import Extent, Image, Store
+from .store import Extent, HeadImage, SnapshotImage, Store
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,12 @@ class VolumeBackend(Protocol):
     def close(self) -> None: ...
 
 
+class VolumeClient(Protocol):
+    """Opens volumes: the emulated cluster's client, or the real library's binding."""
+
+    def open_volume(self, name: str, snap: str | None = None) -> VolumeBackend: ...
+
+
 # ---------------------------------------------------------------------------
 # The emulated client library.
 
@@ -90,28 +98,55 @@ class _Io:
     cbk_arg: object
 
 
+@attrs.frozen
+class Faults:
+    """Faults the emulated library injects, to test what sits above it.
+
+    `error_rate` of completions fail with `status` (a negative errno or a positive
+    PureFlash status such as 0xC3) without doing their I/O; every completion is
+    delayed by `delay` seconds.  A tiny `io_depth` on the client makes -EAGAIN storms.
+    """
+
+    error_rate: float = 0.0
+    status: int = -errno.EIO
+    delay: float = 0.0
+    seed: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError("error_rate must be between 0 and 1")
+        if self.status == 0:
+            raise ValueError("an injected status must be non-zero")
+        if self.delay < 0:
+            raise ValueError("delay must not be negative")
+
+
 class EmulatedClient:
     """`pf_open_volume` against the embedded cluster in a data directory."""
 
-    def __init__(self, store: Store, io_depth: int = DEFAULT_IO_DEPTH) -> None:
+    def __init__(self, store: Store, io_depth: int = DEFAULT_IO_DEPTH, faults: Faults = Faults()) -> None:
         self.store = store
         self.io_depth = io_depth
+        self.faults = faults
 
     def open_volume(self, name: str, snap: str | None = None, lib_ver: int = S5_LIB_VER) -> EmulatedVolume:
+        """Opens a volume's head, or read-only one of its snapshots."""
         if lib_ver != S5_LIB_VER:
             raise VolumeOpenError(f"library version {lib_ver:#x} is not {S5_LIB_VER:#x}")
         if not 0 < self.io_depth <= PF_MAX_IO_DEPTH:
             raise VolumeOpenError(f"io_depth must be 1..{PF_MAX_IO_DEPTH}")
-        if snap is not None:
-            raise VolumeOpenError("snapshots are not supported yet")
-        return EmulatedVolume(self.store.open_image(name, writable=True), name, self.io_depth)
+        export = f"{name}@{snap}" if snap else name
+        return EmulatedVolume(self.store.open_image(export), export, self.io_depth, self.faults)
 
 
 class EmulatedVolume:
     can_discard = True
 
-    def __init__(self, image: Image, name: str, io_depth: int) -> None:
+    def __init__(self, image: HeadImage | SnapshotImage, name: str, io_depth: int,
+                 faults: Faults = Faults()) -> None:
         self._image = image
+        self._faults = faults
+        self._random = random.Random(faults.seed)
         self.name = name
         self.size = image.size
         self.read_only = not image.writable
@@ -178,6 +213,10 @@ class EmulatedVolume:
             io.callback(io.cbk_arg, status)
 
     def _execute(self, io: _Io) -> int:
+        if self._faults.delay:
+            time.sleep(self._faults.delay)
+        if self._faults.error_rate and self._random.random() < self._faults.error_rate:
+            return self._faults.status
         try:
             if io.kind == "read":
                 done = self._image.readv(io.buffers, io.offset)
@@ -219,18 +258,18 @@ class VolumeIOError(Exception):
 
 
 class _Batch:
-    """The submits of one request: the task parks until the last one completes."""
+    """One round of submits: the task parks until the last one completes."""
 
-    __slots__ = ("task", "outstanding", "status")
+    __slots__ = ("task", "outstanding", "failures")
 
     def __init__(self) -> None:
         self.task = trio.lowlevel.current_task()
         self.outstanding = 1  # the submitter's own hold, dropped once all are submitted
-        self.status = 0
+        self.failures: dict[int, int] = {}  # submit index -> status
 
-    def complete(self, status: int) -> None:
-        if status and not self.status:
-            self.status = status
+    def complete(self, index: int, status: int) -> None:
+        if status:
+            self.failures[index] = status
         self.outstanding -= 1
         if self.outstanding == 0:
             trio.lowlevel.reschedule(self.task)
@@ -242,11 +281,11 @@ class _CompletionInbox:
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
         self._lock = threading.Lock()
-        self._pending: deque[tuple[_Batch, int]] = deque()
+        self._pending: deque[tuple[tuple[_Batch, int], int]] = deque()
 
-    def callback(self, batch: object, status: int) -> None:  # runs on vol_proc
+    def callback(self, cbk_arg: object, status: int) -> None:  # runs on the library's thread
         with self._lock:
-            self._pending.append((batch, status))
+            self._pending.append((cbk_arg, status))
             first = len(self._pending) == 1
         if first:
             self._token.run_sync_soon(self._deliver)
@@ -254,8 +293,8 @@ class _CompletionInbox:
     def _deliver(self) -> None:  # runs in trio
         with self._lock:
             pending, self._pending = self._pending, deque()
-        for batch, status in pending:
-            batch.complete(status)
+        for (batch, index), status in pending:
+            batch.complete(index, status)
 
 
 class RangeLock:
@@ -286,6 +325,15 @@ ZEROES = memoryview(bytes(PF_MAX_IO_SIZE))
 EAGAIN_FIRST_DELAY = 50e-6
 EAGAIN_MAX_DELAY = 10e-3
 DISCARD_CHUNK = 1 << 30
+# Completion statuses worth resubmitting: the library was busy, or lost its
+# connection to a store node and may find another (PureFlash message statuses).
+PF_STATUS_CONNECTION_LOST = 0xC3
+PF_STATUS_NO_RESOURCE = 0xCF
+RETRYABLE = {-errno.EAGAIN, PF_STATUS_CONNECTION_LOST, PF_STATUS_NO_RESOURCE}
+MAX_ATTEMPTS = 5
+RETRY_FIRST_DELAY = 10e-3
+
+Submit = Callable[[IoHandler, object], int]  # one pf_*_submit call, given callback and cbk_arg
 
 
 def align_down(n: int) -> int:
@@ -327,48 +375,57 @@ class VolumeBridge:
 
     # -- submitting -------------------------------------------------------
 
-    async def _submit_all(self, submits: Iterator[Callable[[IoHandler, _Batch], int]]) -> None:
+    async def _submit_all(self, submits: Sequence[Submit]) -> None:
+        """Runs every submit to completion, retrying what PureFlash says is transient."""
+        pending = range(len(submits))
+        delay = RETRY_FIRST_DELAY
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            failures = await self._submit_round(submits, pending)
+            if not failures:
+                return
+            status = next(iter(failures.values()))
+            if attempt == MAX_ATTEMPTS or any(s not in RETRYABLE for s in failures.values()):
+                raise VolumeIOError(status)
+            log.info("retrying %d of %d submits after status %#x", len(failures), len(submits), status)
+            await trio.sleep(delay)
+            delay *= 2
+            pending = sorted(failures)
+
+    async def _submit_round(self, submits: Sequence[Submit], indices: Iterable[int]) -> dict[int, int]:
         batch = _Batch()
         # The library owns our buffers until every callback: never abandon a batch.
         with trio.CancelScope(shield=True):
-            for submit in submits:
+            for index in indices:
                 delay = EAGAIN_FIRST_DELAY
-                while (status := submit(self._inbox.callback, batch)) == -errno.EAGAIN:
+                while (status := submits[index](self._inbox.callback, (batch, index))) == -errno.EAGAIN:
                     await trio.sleep(delay)
                     delay = min(2 * delay, EAGAIN_MAX_DELAY)
                 if status:
-                    batch.status = batch.status or status
-                    break
+                    batch.failures[index] = status
+                    break  # refused outright: submit nothing more, wait for the rest
                 batch.outstanding += 1
             batch.outstanding -= 1
             if batch.outstanding:
                 await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
-        if batch.status:
-            raise VolumeIOError(batch.status)
+        return batch.failures
 
     async def _transfer(self, offset: int, buffers: Sequence[memoryview], is_write: bool) -> None:
         """Reads into or writes from `buffers` at an aligned offset, 128 KiB a submit."""
-
-        def submits():
-            position = offset
-            for iov in chunk_buffers(buffers, PF_MAX_IO_SIZE):
-                length = sum(map(len, iov))
-                yield lambda cb, batch, iov=iov, length=length, at=position: (
-                    self.backend.iov_submit(iov, length, at, cb, batch, is_write)
-                )
-                position += length
-
-        await self._submit_all(submits())
+        submits = []
+        position = offset
+        for iov in chunk_buffers(buffers, PF_MAX_IO_SIZE):
+            length = sum(map(len, iov))
+            submits.append(lambda cb, arg, iov=iov, length=length, at=position: (
+                self.backend.iov_submit(iov, length, at, cb, arg, is_write)))
+            position += length
+        await self._submit_all(submits)
 
     async def _discard(self, offset: int, length: int) -> None:
-        def submits():
-            for start in range(offset, offset + length, DISCARD_CHUNK):
-                size = min(DISCARD_CHUNK, offset + length - start)
-                yield lambda cb, batch, start=start, size=size: (
-                    self.backend.discard_submit(start, size, cb, batch)
-                )
-
-        await self._submit_all(submits())
+        await self._submit_all([
+            lambda cb, arg, start=start: self.backend.discard_submit(
+                start, min(DISCARD_CHUNK, offset + length - start), cb, arg)
+            for start in range(offset, offset + length, DISCARD_CHUNK)
+        ])
 
     # -- NBD-shaped operations --------------------------------------------
 
@@ -449,8 +506,3 @@ class VolumeBridge:
     def close(self) -> None:
         self.backend.close()
 
-
-__all__ = [
-    "EmulatedClient", "EmulatedVolume", "VolumeBackend", "VolumeBridge", "VolumeIOError",
-    "VolumeOpenError", "PF_MAX_IO_SIZE", "S5_LIB_VER", "chunk_buffers"
-]

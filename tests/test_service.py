@@ -300,7 +300,7 @@ def test_each_connection_ends_in_one_line_with_what_it_did(start_server):
     qemu_line, list_line = connection_lines(server, 2)
     fields = dict(re.findall(r'(\w+)=("[^"]*"|\S+)', qemu_line))
     assert fields["client"] == "unix" and int(fields["pid"]) > 0 and "uid" in fields, qemu_line
-    assert fields["export"] == "test_v1" and fields["structured"] == "yes", qemu_line
+    assert fields["export"] == "test_v1" and fields["replies"] == "structured", qemu_line
     assert fields["contexts"] == "base:allocation" and fields["end"] == "closed", qemu_line
     assert fields["bytes_written"] == str(MiB) and fields["bytes_read"] == str(MiB + 512 * 1024), qemu_line
     assert int(fields["requests"]) >= 3 and fields["errors"] == "0", qemu_line
@@ -325,10 +325,10 @@ def test_verbose_traces_options_and_a_quiet_server_does_not(launch, tmp_path):
     sockets = {name: tmp_path / f"{name}.sock" for name in ("traced", "quiet")}
     traced = launch(command=pfnbd_command("-v", "serve", "--volume", "test_v1",
                                           "--socket", str(sockets["traced"])))
-    quiet = launch("--socket", str(sockets["quiet"]))
+    quiet = launch("--socket", str(sockets["quiet"]), volumes=("quiet",))  # a volume has one server
 
     for path in sockets.values():
-        nbdinfo("--size", f"nbd+unix:///test_v1?socket={path}")
+        nbdinfo("--size", f"nbd+unix:///?socket={path}")
     connection_lines(traced, 1)
     connection_lines(quiet, 1)
 

@@ -218,7 +218,7 @@ def test_no_option_is_refused_for_want_of_tls_once_tls_runs(mode):
     for option, data in OPTIONS.items():
         if option != p.Option.GO:
             assert p.OptionReply.ERR_TLS_REQD not in reply_types(haggling.receive_option(option, data))
-    outcome = haggling.receive_option(p.Option.EXPORT_NAME, b"test_v1")
+    outcome = haggling.receive_option(p.Option.GO, INFO_REQUEST)
 
     assert outcome.agreement is not None and outcome.agreement.export == EXPORT
 
@@ -267,17 +267,20 @@ def test_starttls_with_data_is_invalid(mode):
     assert haggling.state is State.OPTIONS
 
 
-def test_nothing_negotiated_before_starttls_survives_it():
+@pytest.mark.parametrize("reply_format", [p.Option.STRUCTURED_REPLY, p.Option.EXTENDED_HEADERS],
+                         ids=["structured-replies", "extended-headers"])
+def test_nothing_negotiated_before_starttls_survives_it(reply_format):
     haggling = negotiation(TlsMode.ON)
-    assert reply_types(haggling.receive_option(p.Option.STRUCTURED_REPLY, b"")) == [p.OptionReply.ACK]
+    assert reply_types(haggling.receive_option(reply_format, b"")) == [p.OptionReply.ACK]
     assert reply_types(haggling.receive_option(p.Option.SET_META_CONTEXT, META_REQUEST)) == [
         p.OptionReply.META_CONTEXT, p.OptionReply.ACK]
 
     start_tls(haggling)
     outcome = haggling.receive_option(p.Option.GO, INFO_REQUEST)
 
-    assert outcome.agreement is not None
-    assert not outcome.agreement.structured_replies and outcome.agreement.meta_contexts == {}
+    agreement = outcome.agreement
+    assert agreement is not None and agreement.meta_contexts == {}
+    assert not agreement.structured_replies and not agreement.extended_headers
     assert not export_flags(outcome) & p.TransmissionFlags.SEND_DF  # DF only with structured replies
 
 
@@ -408,7 +411,7 @@ def test_options_agreed_in_clear_are_forgotten_after_starttls(start_server, pki,
     assert block_status_error == p.Errno.EINVAL  # ...and no metadata context survived
     client.request(p.Command.DISC, 0, 0)
     (line,) = connection_lines(server, 1)
-    assert "tls=TLSv1" in line and "structured=no" in line and "contexts=" not in line, line
+    assert "tls=TLSv1" in line and "replies=simple" in line and "contexts=" not in line, line
 
 
 def test_bytes_sent_in_clear_after_starttls_are_never_read_as_options(start_server, pki, raw_client):

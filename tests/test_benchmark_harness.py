@@ -1,0 +1,90 @@
+"""benchmarks/run.py works end to end: a tiny `--quick` run against pfnbd and qemu-nbd
+prints a median and a ratio for every workload issue 5 names, plus pfnbd's peak RSS, and
+leaves no process or file behind. These tests check the harness, never anyone's speed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import require
+
+HARNESS = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+WORKLOAD_LABELS = [
+    "nbdcopy file→NBD",
+    "nbdcopy NBD→null (no extents)",
+    "fio 4k randread QD32 ×1 conn",
+    "fio 4k randwrite QD32 ×1 conn",
+    "fio 4k randread QD32 ×4 conns",
+    "fio 4k randwrite QD32 ×4 conns",
+]
+
+
+def run_harness(*args: str, timeout: float, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    """Runs the harness; past `timeout` it gets SIGTERM, so it still stops its servers."""
+    process = subprocess.Popen([sys.executable, str(HARNESS), *args], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+        pytest.fail(f"benchmarks/run.py {' '.join(args)} ran over {timeout} s:\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def table(stdout: str) -> list[dict[str, str]]:
+    """The markdown table the harness prints, as one dict per row keyed by column title."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    header, separator, *rows = [[cell.strip() for cell in line.strip("|").split("|")]
+                                for line in lines]
+    assert set("".join(separator)) == {"-"}, f"no table separator in:\n{stdout}"
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # the process ended while we looked
+        if text in argv:
+            found.append(argv)
+    return found
+
+
+def test_quick_run_prints_a_ratio_for_every_workload(tmp_path: Path) -> None:
+    require("qemu-nbd", "nbdcopy", "nbdinfo", "fio")
+    result = run_harness("--quick", "--size", "8M", "--servers", "pfnbd,qemu-nbd",
+                         "--workdir", str(tmp_path), timeout=240)
+    assert result.returncode == 0, (f"harness exited {result.returncode}:\n"
+                                    f"{result.stdout}\n{result.stderr}")
+
+    rows = table(result.stdout)
+    assert [row["workload"] for row in rows] == WORKLOAD_LABELS
+    for row in rows:
+        assert row["unit"] in ("MiB/s", "IOPS"), row
+        assert re.fullmatch(r"\d+(\.\d+k)?", row["pfnbd"]), row
+        assert re.fullmatch(r"\d+(\.\d+k)?", row["qemu-nbd"]), row
+        assert float(row["pfnbd/qemu-nbd"]) > 0, row
+    assert re.search(r"^peak RSS \(VmHWM\): pfnbd \d+\.\d MiB, qemu-nbd \d+\.\d MiB$",
+                     result.stdout, re.MULTILINE), result.stdout
+
+    assert list(tmp_path.iterdir()) == [], "the harness left files in its --workdir"
+    assert processes_mentioning(str(tmp_path)) == [], "the harness left servers running"
+
+
+def test_a_missing_tool_is_named_in_one_line(tmp_path: Path) -> None:
+    empty_path = {**os.environ, "PATH": str(tmp_path)}  # no nbdcopy, fio or qemu-nbd on it
+    result = run_harness("--quick", "--servers", "qemu-nbd", env=empty_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "run.py: missing tool: nbdcopy (apt-get install libnbd-bin)\n"

@@ -1,0 +1,209 @@
+"""The PureFlash client emulation keeps the library's rules, and the bridge keeps data."""
+
+import errno
+import random
+import threading
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pfnbd.store import Store
+from pfnbd.volume import (
+    PF_MAX_IO_SIZE, EmulatedClient, Faults, VolumeBridge, VolumeIOError, chunk_buffers,
+)
+
+SIZE = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(tmp_path)
+    store.create("v", SIZE)
+    return store
+
+
+class Completions:
+    """Collects callbacks with the thread they ran on."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.results = []
+
+    def __call__(self, arg, status):
+        self.results.append((arg, status, threading.current_thread().name))
+        self.done.set()
+
+
+def test_submit_rules_are_the_librarys(store):
+    volume = EmulatedClient(store).open_volume("v")
+    try:
+        cb = Completions()
+        buf = [memoryview(bytearray(512))]
+        assert volume.iov_submit(buf, 512, 1, cb, None, False) == -errno.EINVAL
+        assert volume.iov_submit([memoryview(bytearray(100))], 100, 0, cb, None, False) == -errno.EINVAL
+        big = [memoryview(bytearray(PF_MAX_IO_SIZE + 512))]
+        assert volume.iov_submit(big, PF_MAX_IO_SIZE + 512, 0, cb, None, False) == -errno.EINVAL
+        assert cb.results == []
+    finally:
+        volume.close()
+
+
+def test_callbacks_run_on_the_volumes_own_thread(store):
+    volume = EmulatedClient(store).open_volume("v")
+    try:
+        cb = Completions()
+        assert volume.iov_submit([memoryview(bytearray(512))], 512, 0, cb, "arg", False) == 0
+        assert cb.done.wait(5)
+        ((arg, status, thread),) = cb.results
+        assert (arg, status) == ("arg", 0)
+        assert thread == "vol_proc:v" != threading.current_thread().name
+    finally:
+        volume.close()
+
+
+def test_pool_of_twice_io_depth_then_eagain(store):
+    volume = EmulatedClient(store, io_depth=2, faults=Faults(delay=0.2)).open_volume("v")
+    try:
+        cb = Completions()
+        buf = [memoryview(bytearray(512))]
+        statuses = [volume.iov_submit(buf, 512, 0, cb, i, False) for i in range(5)]
+        assert statuses == [0, 0, 0, 0, -errno.EAGAIN]
+    finally:
+        volume.close()  # waits for the four in flight
+    assert len(cb.results) == 4
+
+
+def test_write_data_is_copied_at_submit(store):
+    volume = EmulatedClient(store, faults=Faults(delay=0.1)).open_volume("v")
+    data = bytearray(b"a" * 512)
+    cb = Completions()
+    try:
+        assert volume.iov_submit([memoryview(data)], 512, 0, cb, None, True) == 0
+        data[:] = b"b" * 512  # the caller reuses its buffer right away
+        assert cb.done.wait(5)
+        out = memoryview(bytearray(512))
+        cb2 = Completions()
+        volume.iov_submit([out], 512, 0, cb2, None, False)
+        assert cb2.done.wait(5)
+        assert bytes(out) == b"a" * 512
+    finally:
+        volume.close()
+
+
+def run_bridge(store, body, **client_options):
+    async def main():
+        bridge = VolumeBridge(EmulatedClient(store, **client_options).open_volume("v"))
+        try:
+            return await body(bridge)
+        finally:
+            bridge.close()
+
+    return trio.run(main)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 20_000), st.integers(1, 5000)), min_size=1, max_size=12)
+       | st.lists(st.tuples(st.integers(0, SIZE - 1), st.integers(1, 300_000)), min_size=1, max_size=4),
+       st.integers(0, 2**32))
+def test_concurrent_unaligned_writes_to_disjoint_ranges_all_land(tmp_path_factory, ranges, seed):
+    """Read-modify-write of shared edge sectors must not lose a neighbour's bytes."""
+    store = Store(tmp_path_factory.mktemp("d"))
+    store.create("v", SIZE)
+    # Make the ranges disjoint (they may still share sectors) by trimming overlaps.
+    spans, taken = [], []
+    for offset, length in sorted(ranges):
+        end = min(SIZE, offset + length)
+        if taken and offset < taken[-1]:
+            offset = taken[-1]
+        if offset < end:
+            spans.append((offset, end))
+            taken.append(end)
+    rng = random.Random(seed)
+    model = bytearray(SIZE)
+    writes = []
+    for offset, end in spans:
+        data = rng.randbytes(end - offset)
+        model[offset:end] = data
+        writes.append((offset, data))
+
+    async def body(bridge):
+        async with trio.open_nursery() as nursery:
+            for offset, data in writes:
+                nursery.start_soon(bridge.write, offset, memoryview(bytearray(data)))
+        return bytes(await bridge.read(0, SIZE))
+
+    assert run_bridge(store, body) == bytes(model)
+
+
+def test_unaligned_read_and_write_round_trip(store):
+    async def body(bridge):
+        await bridge.write(1, memoryview(bytearray(b"\x5a")))
+        await bridge.write(1000, memoryview(bytearray(b"xyz" * 100_000)))
+        return bytes(await bridge.read(0, 3)), bytes(await bridge.read(999, 5)), bytes(await bridge.read(300_999, 2))
+
+    assert run_bridge(store, body) == (b"\0\x5a\0", b"\0xyzx", b"z\0")
+
+
+def test_write_zeroes_and_trim_leave_holes_that_read_as_zeroes(store):
+    async def body(bridge):
+        await bridge.write(0, memoryview(bytearray(b"\xff" * SIZE)))
+        await bridge.write_zeroes(1000, 1_000_000, may_trim=True)
+        await bridge.trim(2_000_000, 100_000)
+        return bytes(await bridge.read(0, SIZE)), list(bridge.extents(0, SIZE))
+
+    data, extents = run_bridge(store, body)
+    expected = bytearray(b"\xff" * SIZE)
+    expected[1000:1_001_000] = bytes(1_000_000)
+    # Trim releases whole sectors only: its partial edge sectors keep their data.
+    trimmed_start, trimmed_end = -(-2_000_000 // 512) * 512, 2_100_000 // 512 * 512
+    expected[trimmed_start:trimmed_end] = bytes(trimmed_end - trimmed_start)
+    assert data == bytes(expected)
+    holes = [(e.offset, e.offset + e.length) for e in extents if not e.allocated]
+    assert holes and all(1000 <= lo and hi <= 2_100_000 for lo, hi in holes)
+
+
+def test_no_hole_zeroes_stay_allocated(store):
+    async def body(bridge):
+        await bridge.write_zeroes(0, 1 << 20, may_trim=False)
+        return list(bridge.extents(0, 1 << 20))
+
+    assert [e.allocated for e in run_bridge(store, body)] == [True]
+
+
+def test_eagain_storm_is_retried_until_done(store):
+    payload = random.Random(1).randbytes(SIZE)
+
+    async def body(bridge):
+        await bridge.write(0, memoryview(bytearray(payload)))
+        return bytes(await bridge.read(0, SIZE))
+
+    assert run_bridge(store, body, io_depth=1) == payload
+
+
+def test_retryable_failures_are_retried(store):
+    payload = random.Random(2).randbytes(1 << 20)
+
+    async def body(bridge):
+        await bridge.write(0, memoryview(bytearray(payload)))
+        return bytes(await bridge.read(0, 1 << 20))
+
+    assert run_bridge(store, body, faults=Faults(error_rate=0.3, status=0xC3, seed=7)) == payload
+
+
+@pytest.mark.parametrize("status", [-errno.EIO, 0xC3])
+def test_persistent_failures_surface_as_errors(store, status):
+    async def body(bridge):
+        with pytest.raises(VolumeIOError) as failure:
+            await bridge.write(0, memoryview(bytearray(4096)))
+        return failure.value.errno
+
+    assert run_bridge(store, body, faults=Faults(error_rate=1.0, status=status)) == errno.EIO
+
+
+def test_chunk_buffers_regroups_without_copying():
+    a, b = memoryview(bytearray(300)), memoryview(bytearray(500))
+    chunks = list(chunk_buffers([a, b], 512))
+    assert [sum(map(len, c)) for c in chunks] == [512, 288]
+    assert all(piece.obj in (a.obj, b.obj) for c in chunks for piece in c)
