@@ -353,9 +353,6 @@ class UnixListen(Listen):
     async def open(self) -> list[trio.SocketListener]:
         return [await open_unix_listener(self.path, self.mode)]
 
-    def describe(self, listeners: list[trio.SocketListener]) -> list[str]:
-        return [f"unix:{self.path}"]  # the socket was bound under a temporary name
-
     def remove(self) -> None:
         remove_socket(self.path)
 

@@ -344,11 +344,7 @@ def listener_name(listener: trio.SocketListener) -> str:
 
 async def open_unix_listener(path: Path, mode: int = SOCKET_MODE) -> trio.SocketListener:
     """Listens on a Unix socket with permissions `mode` whatever the umask; a stale
-    socket file left by a crash is replaced.
-
-    The socket is bound and listening under a temporary name, then renamed into place:
-    once `path` exists, connections to it are accepted.
-    """
+    socket file left by a crash is replaced."""
     path = Path(path)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
@@ -364,24 +360,24 @@ async def open_unix_listener(path: Path, mode: int = SOCKET_MODE) -> trio.Socket
             raise ListenError(f"{path} is in use by another server")
         finally:
             probe.close()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
         # Linux gives the socket file the mode of the socket itself, less the umask:
         # set it before bind so the file is never more open than asked, then exactly.
         os.fchmod(sock.fileno(), mode)
-        await sock.bind(str(temporary))
+        # bind and listen back to back, with no checkpoint between: a client that sees
+        # the file is refused only in the instant between two system calls.
+        sock.bind(str(path))
         try:
             sock.listen(BACKLOG)
-            os.chmod(temporary, mode)
-            os.rename(temporary, path)
+            os.chmod(path, mode)
         except OSError:
-            remove_socket(temporary)
+            remove_socket(path)
             raise
     except OSError as error:
         sock.close()
         raise ListenError(f"cannot listen on {path}: {error.strerror}") from None
-    return trio.SocketListener(sock)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 async def open_tcp_listeners(port: int, host: str) -> list[trio.SocketListener]:

@@ -354,3 +354,246 @@ def test_sigusr1_logs_per_export_stats_counting_live_connections(start_server, h
     assert live[1]["connections"] == 1 and live[1]["active"] == 1
     assert code == 0 and at_exit == live[0]
     assert len(log_lines(server, "stats")) == 6  # server + two exports, twice
+
+
+# --- examples/ --------------------------------------------------------------------------------
+
+README = EXAMPLES / "README.md"
+QEMU_TIMEOUT = 60  # seconds for QEMU to start or answer a QMP command
+
+
+@attrs.frozen
+class Places:
+    """Where the placeholders of examples/README.md point in a test."""
+
+    data_dir: Path
+    run_dir: Path
+    server_tls: Path
+    client_tls: Path
+    image: Path
+    device: Path
+    port: int
+
+    def replacements(self) -> dict[str, str]:
+        return {
+            "/var/lib/pfnbd": str(self.data_dir), "/run/pfnbd": str(self.run_dir),
+            "/etc/pfnbd/client-tls": str(self.client_tls), "/etc/pfnbd/tls": str(self.server_tls),
+            "192.0.2.10": "127.0.0.1", "10809": str(self.port), "disk.qcow2": str(self.image),
+            "/dev/nbd0": str(self.device),
+        }
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "pfnbd.sock"
+
+    def uri(self) -> str:
+        return f"nbd+unix:///vm1?socket={self.socket}"
+
+
+@pytest.fixture
+def places(cli: Cli, tmp_path: Path, pki: Path) -> Places:
+    """The volume vm1 in a fresh data directory, and temporary stand-ins for the rest.
+    The nbd device is a plain file: nbd-client negotiates, then stops short of the kernel."""
+    cli.run("volume", "create", "vm1", "--size", "64M")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    device = tmp_path / "nbd0-stand-in"
+    device.touch()
+    return Places(cli.data_dir, run_dir, pki / "server", pki / "client", tmp_path / "disk.qcow2",
+                  device, free_loopback_port())
+
+
+def example(name: str, places: Places) -> list[str]:
+    """The command of the README block `<!-- example: NAME -->`, placeholders replaced;
+    `pfnbd` runs as `python -m pfnbd` (this tree's)."""
+    match = re.search(rf"<!-- example: {re.escape(name)} -->\n```sh\n(.*?)```", README.read_text(), re.S)
+    assert match, f"no example {name!r} in {README}"
+    command = match.group(1).replace("\\\n", " ")
+    for placeholder, value in places.replacements().items():
+        command = command.replace(placeholder, value)
+    argv = shlex.split(command)
+    return pfnbd_command(*argv[1:]) if argv[0] == "pfnbd" else argv
+
+
+class PausedQemu:
+    """A virtual machine as an example line starts it, but paused (-S), without display
+    and with QMP on stdio. QEMU opens its disks at start, so it is a connected pfnbd
+    client; HMP's qemu-io then reads and writes through the machine's own disks (its
+    report lands on QEMU's stdout, between the QMP messages)."""
+
+    def __init__(self, argv: list[str], stderr_path: Path) -> None:
+        require(argv[0])
+        self._stderr_path = stderr_path
+        self._buffer = b""
+        self._printed: list[str] = []  # stdout lines that are not QMP
+        with open(stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                [*argv, "-S", "-nodefaults", "-display", "none", "-qmp", "stdio"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+            )
+        self._receive()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def __enter__(self) -> PausedQemu:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write(b'{"execute": "quit"}\n')
+            self.process.stdin.flush()
+        try:
+            self.process.wait(timeout=QEMU_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def _receive(self) -> dict:
+        deadline = time.monotonic() + QEMU_TIMEOUT
+        while True:
+            while b"\n" not in self._buffer:
+                ready, _, _ = select.select([self.process.stdout], [], [],
+                                            max(0.0, deadline - time.monotonic()))
+                chunk = os.read(self.process.stdout.fileno(), 65536) if ready else b""
+                if not chunk:
+                    self.process.kill()
+                    raise AssertionError(f"QEMU said nothing (exit {self.process.wait()}):\n"
+                                         + self._stderr_path.read_text(errors="replace"))
+                self._buffer += chunk
+            line, _, self._buffer = self._buffer.partition(b"\n")
+            if line.startswith(b"{"):
+                return json.loads(line)
+            self._printed.append(line.decode(errors="replace"))
+
+    def execute(self, command: str, **arguments) -> object:
+        self.process.stdin.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
+        self.process.stdin.flush()
+        while True:
+            message = self._receive()  # events come in between: skip them
+            if "error" in message:
+                raise AssertionError(f"QMP {command}: {message['error']}")
+            if "return" in message:
+                return message["return"]
+
+    def qemu_io(self, disk: str, command: str) -> str:
+        """Runs a qemu-io command on `disk`: a drive name, or `-d DEVICE` for the virtio
+        device itself (a node name would open a second, conflicting writer)."""
+        self._printed.clear()
+        returned = self.execute("human-monitor-command", **{"command-line": f'qemu-io {disk} "{command}"'})
+        output = returned + "\n".join(self._printed)
+        assert re.search(r"^(wrote|read) \d+/\d+ bytes", output, re.M) and "failed" not in output, output
+        return output
+
+
+def test_example_serve_unix_and_the_qemu_lines_on_it(launch, places, tmp_path):
+    server = launch(command=example("serve-unix", places), volumes=())
+    pid = (places.run_dir / "pfnbd.pid").read_text()
+
+    with PausedQemu(example("qemu-drive", places), tmp_path / "qemu-drive.err") as vm:
+        vm.qemu_io("virtio0", "write -P 0x51 0 1M")
+        vm.qemu_io("virtio0", "read -P 0x51 0 1M")
+    with PausedQemu(example("qemu-blockdev", places), tmp_path / "qemu-blockdev.err") as vm:
+        vm.qemu_io("-d vm1/virtio-backend", "read -P 0x51 0 1M")
+        vm.qemu_io("-d vm1/virtio-backend", "write -P 0x52 1M 1M")
+    check = run("qemu-io", "-r", "-f", "raw", places.uri(), "-c", "read -P 0x52 1M 1M", timeout=60)
+
+    assert pid == f"{server.process.pid}\n" and socket_mode(places.socket) == 0o600
+    assert "read 1048576/1048576" in check.stdout
+    lines = connection_lines(server, 3)
+    assert all("export=vm1" in line and "end=closed" in line for line in lines), lines
+
+
+def test_example_qemu_img_convert_into_a_volume(launch, places):
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(places.image), "32M", timeout=60)
+    run("qemu-io", "-f", "qcow2", str(places.image), "-c", "write -P 0x61 0 3M",
+        "-c", "write -P 0x62 20M 1M", timeout=60)
+    launch(command=example("serve-unix", places), volumes=())
+
+    run(*example("qemu-img-convert", places), timeout=120)
+    # The volume is larger than the image: compare the image's 32 MiB.
+    compared = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(places.image),
+                   f"json:{json.dumps({'driver': 'raw', 'size': 32 * MiB, 'file': {'driver': 'nbd', 'server': {'type': 'unix', 'path': str(places.socket)}, 'export': 'vm1'}})}",
+                   timeout=120, check=False)
+
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+def test_example_nbd_client_lines_negotiate_up_to_the_kernel(launch, places):
+    server = launch(command=example("serve-unix", places), volumes=())
+
+    listed = run(*example("nbd-client-list", places), timeout=60)
+    attach = run(*example("nbd-client-unix", places), timeout=60, check=False)
+
+    assert "vm1" in listed.stdout, listed.stdout
+    # This host has no nbd module (and the device is a stand-in): it stops there.
+    assert attach.returncode != 0 and "Invalid nbd device target" in attach.stderr, attach.stderr
+    lines = connection_lines(server, 5)  # the list, then four connections of -C 4
+    assert sum("export=vm1" in line for line in lines) == 4, lines
+
+
+def test_example_tls_server_and_its_clients(launch, places, tmp_path):
+    server = launch(command=example("serve-tls", places), volumes=())
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(places.image), "8M", timeout=60)
+    run("qemu-io", "-f", "qcow2", str(places.image), "-c", "write -P 0x71 0 2M", timeout=60)
+
+    info = run(*example("nbdinfo-tls", places), timeout=60)
+    run(*example("qemu-img-convert-tls", places), timeout=120)
+    with PausedQemu(example("qemu-drive-tls", places), tmp_path / "qemu-drive-tls.err") as vm:
+        vm.qemu_io("virtio0", "read -P 0x71 0 2M")
+        vm.qemu_io("virtio0", "write -P 0x72 4M 64k")
+    attach = run(*example("nbd-client-tls", places), timeout=60, check=False)
+
+    assert server.listen == [f"127.0.0.1:{places.port}"] and "max_connections=16" in server.log()
+    assert "export=\"vm1\"" in info.stdout and "TLS" in info.stdout, info.stdout
+    assert attach.returncode != 0 and "Invalid nbd device target" in attach.stderr, attach.stderr
+    lines = connection_lines(server, 7)  # nbdinfo, qemu-img, QEMU, four of nbd-client
+    assert all("tls=TLSv1" in line and "export=vm1" in line for line in lines), lines
+
+
+def test_example_qemu_blockdev_with_tls_on_a_unix_socket(launch, places, tmp_path):
+    server = launch("--socket", str(places.socket), "--tls", "require",
+                    "--tls-certificates", str(places.server_tls), volumes=("vm1",))
+
+    with PausedQemu(example("qemu-blockdev-tls", places), tmp_path / "qemu-blockdev-tls.err") as vm:
+        vm.qemu_io("-d vm1/virtio-backend", "write -P 0x81 0 64k")
+        vm.qemu_io("-d vm1/virtio-backend", "read -P 0x81 0 64k")
+
+    (line,) = connection_lines(server, 1)
+    assert "tls=TLSv1" in line and "bytes_written=65536" in line, line
+
+
+def unit_settings(text: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(f"{key}=")]
+
+
+def test_example_systemd_units_verify_and_serve_under_socket_activation(socket_activate, cli, tmp_path):
+    cli.run("volume", "create", "vm1", "--size", "64M")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    replacements = {"/usr/local/bin/pfnbd": f"{sys.executable} -m pfnbd",
+                    "/var/lib/pfnbd": str(cli.data_dir), "/run/pfnbd": str(run_dir)}
+    units = {}
+    for name in ("pfnbd.socket", "pfnbd.service"):
+        text = (EXAMPLES / "systemd" / name).read_text()
+        for placeholder, value in replacements.items():
+            text = text.replace(placeholder, value)
+        units[name] = tmp_path / name
+        units[name].write_text(text)
+
+    verified = run("systemd-analyze", "verify", *map(str, units.values()), timeout=60, check=False)
+    (listen,) = unit_settings(units["pfnbd.socket"].read_text(), "ListenStream")
+    (exec_start,) = unit_settings(units["pfnbd.service"].read_text(), "ExecStart")
+    activated = socket_activate(listen, shlex.split(exec_start))
+    uri = f"nbd+unix:///vm1?socket={listen}"
+    size = nbdinfo("--size", uri)
+    run("qemu-io", "-f", "raw", uri, "-c", "write -P 0x91 0 1M", timeout=60)
+    wait_for(lambda: len(log_lines(activated, "connection")) == 2, "two connection lines")
+    activated.process.send_signal(signal.SIGUSR1)
+    wait_for(lambda: log_lines(activated, "stats"), "a stats line")
+    activated.process.send_signal(signal.SIGTERM)
+    code = activated.process.wait(timeout=30)
+
+    assert verified.returncode == 0 and verified.stdout + verified.stderr == "", verified.stderr
+    assert size.stdout.strip() == str(64 * MiB)
+    assert "max_connections=64" in activated.log()
+    assert stats_line(activated, "vm1")["bytes_written"] == MiB
+    assert code == 0, activated.log()
