@@ -410,7 +410,8 @@ async def negotiate(
             outcome = negotiation.receive_option(header.option, data)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("option %s length=%d%s: %s", _name(p.Option, header.option), header.length,
-                      " (TLS)" if negotiation.tls_active else "", _reply_names(header.option, outcome.replies))
+                      " (TLS)" if negotiation.tls_active else "",
+                      _reply_names(header.option, outcome.replies))
         try:
             for reply in outcome.replies:
                 await channel.stream.send_all(reply)

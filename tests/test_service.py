@@ -22,9 +22,7 @@ import attrs
 import pytest
 
 from conftest import SYSTEM_PYTHON, Cli, pfnbd_command, require, run
-from test_tls import (  # noqa: F401  (pki and launch are fixtures)
-    Launched, connection_lines, launch, log_lines, make_pki, nbdinfo, pki,
-)
+from test_tls import connection_lines, launch, log_lines, nbdinfo, pki  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -509,10 +507,11 @@ def test_example_qemu_img_convert_into_a_volume(launch, places):
     launch(command=example("serve-unix", places), volumes=())
 
     run(*example("qemu-img-convert", places), timeout=120)
-    # The volume is larger than the image: compare the image's 32 MiB.
+    # The volume is larger than the image: compare the image's 32 MiB of it.
+    volume = {"driver": "raw", "size": 32 * MiB, "file": {
+        "driver": "nbd", "server": {"type": "unix", "path": str(places.socket)}, "export": "vm1"}}
     compared = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(places.image),
-                   f"json:{json.dumps({'driver': 'raw', 'size': 32 * MiB, 'file': {'driver': 'nbd', 'server': {'type': 'unix', 'path': str(places.socket)}, 'export': 'vm1'}})}",
-                   timeout=120, check=False)
+                   f"json:{json.dumps(volume)}", timeout=120, check=False)
 
     assert compared.returncode == 0, compared.stdout + compared.stderr
 

@@ -121,7 +121,8 @@ def connection_lines(server, count: int, timeout: float = 10) -> list[str]:
 
 # --- the rules, on the sans-I/O negotiation ----------------------------------------------
 
-EXPORT = ExportInfo("test_v1", "a volume", MiB, p.TransmissionFlags.HAS_FLAGS | p.TransmissionFlags.SEND_FLUSH)
+EXPORT = ExportInfo("test_v1", "a volume", MiB,
+                    p.TransmissionFlags.HAS_FLAGS | p.TransmissionFlags.SEND_FLUSH)
 INFO_REQUEST = p.info_request.build(dict(name="test_v1", requests=[]))
 META_REQUEST = p.meta_context_request.build(dict(name="test_v1", queries=[p.BASE_ALLOCATION]))
 UNKNOWN_OPTION = 99
