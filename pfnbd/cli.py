@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -20,7 +21,7 @@ from .server import ExportSpec, ListenError, Server, open_exports, open_tcp_list
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size
 from .pureflash import LIBRARY_ENV, PureFlashClient
 from .transfer import export_volume, import_volume
-from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, EmulatedClient, Faults, VolumeClient, VolumeOpenError
+from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, RETRY_TIME_LIMIT, EmulatedClient, Faults, VolumeClient, VolumeOpenError
 
 log = logging.getLogger("pfnbd")
 
@@ -146,9 +147,15 @@ def volume_delete(ctx: typer.Context, name: str) -> None:
     typer.echo(f"deleted volume {name}")
 
 
-def _progress(label: str, total: int):
+def _progress(label: str):
     """A progress bar on a terminal; elsewhere just the label (click decides)."""
-    return typer.progressbar(length=total, label=label, file=sys.stderr)
+
+    @contextlib.contextmanager
+    def start(total: int):
+        with typer.progressbar(length=total, label=label, file=sys.stderr) as bar:
+            yield bar.update
+
+    return start
 
 
 @volume_app.command("import")
@@ -161,8 +168,7 @@ def volume_import(
     """Create a volume from a disk image (raw; qcow2 and others through qemu-img)."""
     if not source.is_file():
         raise CliError(f"{source} is not a file")
-    with _progress(f"importing {source}", source.stat().st_size) as bar:
-        size = import_volume(ctx.obj, name, source, bar.update, replicas)
+    size = import_volume(ctx.obj, name, source, _progress(f"importing {source}"), replicas)
     typer.echo(f"imported {source} into volume {name}: {human_size(size)}")
 
 
@@ -174,9 +180,7 @@ def volume_export(
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite TARGET.")] = False,
 ) -> None:
     """Write a volume or snapshot to a sparse raw file."""
-    size = ctx.obj.get_export(name)[0].size
-    with _progress(f"exporting {name}", size) as bar:
-        export_volume(ctx.obj, name, target, bar.update, force)
+    size = export_volume(ctx.obj, name, target, _progress(f"exporting {name}"), force)
     typer.echo(f"exported {name} to {target}: {human_size(size)}")
 
 
@@ -216,6 +220,9 @@ def serve(
         rich_help_panel=FAULTS)] = "-5",
     delay: Annotated[float, typer.Option(
         "--inject-delay", help="Seconds added to every completion.", rich_help_panel=FAULTS)] = 0.0,
+    retry_timeout: Annotated[float, typer.Option(
+        "--retry-timeout", help="Seconds to keep resubmitting I/O that PureFlash calls transient "
+                                "(busy, connection lost) before answering EIO.")] = RETRY_TIME_LIMIT,
 ) -> None:
     """Serve volumes over NBD until SIGTERM or SIGINT."""
     store: Store = ctx.obj
@@ -241,7 +248,13 @@ def serve(
     if len(set(names)) != len(names):
         raise CliError("a volume is named twice in --volume")
     specs = [ExportSpec(name, describe(name)) for name in names]  # fails early on a missing volume
-    trio.run(_serve, client, specs, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only)
+    if retry_timeout < 0:
+        raise CliError("--retry-timeout must not be negative")
+    trio.run(_serve, client, specs, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only, retry_timeout)
+    # Stopped cleanly: a late SIGTERM while the interpreter exits must not turn
+    # that into death by signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _emulated_exports(store: Store, volumes: list[str] | None, all_volumes: bool) -> list[str]:
@@ -268,34 +281,53 @@ def _faults(io_depth: int, error_rate: float, error_status: str, delay: float) -
 
 
 async def _serve(
-    client: VolumeClient, specs: list[ExportSpec], socket: Path | None, bind: str, port: int, read_only: bool
+    client: VolumeClient, specs: list[ExportSpec], socket: Path | None, bind: str, port: int,
+    read_only: bool, retry_timeout: float,
 ) -> None:
-    socket_created = False
+    shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
     # may already ask us to stop.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with open_exports(client, specs, read_only) as exports:
-            try:
-                if socket is not None:
-                    listeners = [await open_unix_listener(socket)]
-                    socket_created = True
-                    where = f"unix:{socket}"
-                else:
-                    listeners = await open_tcp_listeners(port, bind)
-                    where = f"{bind}:{port}"
-                server = Server(exports)
-                shutdown = trio.Event()
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(server.run, listeners, shutdown)
-                    log.info("serving %s on %s", ", ".join(spec.name for spec in specs), where)
-                    async for signum in signals:
-                        log.info("%s: finishing requests in flight, then exiting",
-                                 signal.Signals(signum).name)
-                        shutdown.set()
-                        break
-            finally:
-                if socket_created:
-                    remove_socket(socket)
+    _shut_down_on_signals(shutdown)
+    socket_created = False
+    async with open_exports(client, specs, read_only, retry_timeout) as exports:
+        try:
+            if socket is not None:
+                listeners = [await open_unix_listener(socket)]
+                socket_created = True
+                where = f"unix:{socket}"
+            else:
+                listeners = await open_tcp_listeners(port, bind)
+                where = f"{bind}:{port}"
+            server = Server(exports)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run, listeners, shutdown)
+                log.info("serving %s on %s", ", ".join(spec.name for spec in specs), where)
+        finally:
+            if socket_created:
+                remove_socket(socket)
+
+
+def _shut_down_on_signals(shutdown: trio.Event) -> None:
+    """SIGTERM and SIGINT start a graceful shutdown; repeating them changes nothing.
+
+    A signal that arrives while the server closes its volumes finds trio gone and
+    is dropped: the shutdown it asks for is already under way.
+    """
+    token = trio.lowlevel.current_trio_token()
+
+    def begin(signum: int) -> None:
+        if not shutdown.is_set():
+            log.info("%s: finishing requests in flight, then exiting", signal.Signals(signum).name)
+            shutdown.set()
+
+    def handler(signum: int, frame: object) -> None:
+        try:
+            token.run_sync_soon(begin, signum)
+        except trio.RunFinishedError:
+            pass  # already stopped
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from .negotiation import ExportInfo, Negotiation, RemoteProtocolError, negotiate
 from .store import split_snapshot_name
 from .streams import ClientDisconnected, Receiver
 from .transmission import Transmission
-from .volume import VolumeBridge, VolumeClient
+from .volume import RETRY_TIME_LIMIT, VolumeBridge, VolumeClient
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,11 @@ def export_flags(read_only: bool) -> p.TransmissionFlags:
         | p.TransmissionFlags.SEND_FAST_ZERO | p.TransmissionFlags.SEND_CACHE
         | p.TransmissionFlags.CAN_MULTI_CONN  # one bridge per volume serves every connection
     )
-    return flags | p.TransmissionFlags.READ_ONLY if read_only else flags
+    if read_only:
+        writes = (p.TransmissionFlags.SEND_FUA | p.TransmissionFlags.SEND_TRIM
+                  | p.TransmissionFlags.SEND_WRITE_ZEROES | p.TransmissionFlags.SEND_FAST_ZERO)
+        return (flags & ~writes) | p.TransmissionFlags.READ_ONLY
+    return flags
 
 
 @attrs.frozen
@@ -65,7 +69,8 @@ class ExportSpec:
 
 @asynccontextmanager
 async def open_exports(
-    client: VolumeClient, specs: Sequence[ExportSpec], read_only: bool
+    client: VolumeClient, specs: Sequence[ExportSpec], read_only: bool,
+    retry_time_limit: float = RETRY_TIME_LIMIT,
 ) -> AsyncIterator[list[Export]]:
     """Opens each volume once; every connection to it shares the one bridge."""
     bridges: list[VolumeBridge] = []
@@ -73,7 +78,7 @@ async def open_exports(
         exports = []
         for spec in specs:
             volume, snapshot = split_snapshot_name(spec.name)
-            bridge = VolumeBridge(client.open_volume(volume, snapshot))
+            bridge = VolumeBridge(client.open_volume(volume, snapshot), retry_time_limit)
             bridges.append(bridge)
             export_read_only = read_only or bridge.backend.read_only
             info = ExportInfo(spec.name, spec.description, bridge.size, export_flags(export_read_only))
@@ -95,7 +100,7 @@ class _Connection:
         if self.transmission is None:
             self.scope.cancel()  # still haggling: nothing in flight to finish
         else:
-            self.transmission.stop_reading()
+            self.transmission.shut_down()
 
 
 class Server:
