@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -10,6 +11,7 @@ import re
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,7 +29,7 @@ from .server import (
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size
 from .tls import TlsConfigError, server_context
 from .transfer import export_volume, import_volume
-from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, EmulatedClient, Faults, VolumeClient, VolumeOpenError
+from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, RETRY_TIME_LIMIT, EmulatedClient, Faults, VolumeClient, VolumeOpenError
 
 log = logging.getLogger("pfnbd")
 
@@ -154,9 +156,15 @@ def volume_delete(ctx: typer.Context, name: str) -> None:
     typer.echo(f"deleted volume {name}")
 
 
-def _progress(label: str, total: int):
+def _progress(label: str):
     """A progress bar on a terminal; elsewhere just the label (click decides)."""
-    return typer.progressbar(length=total, label=label, file=sys.stderr)
+
+    @contextlib.contextmanager
+    def start(total: int):
+        with typer.progressbar(length=total, label=label, file=sys.stderr) as bar:
+            yield bar.update
+
+    return start
 
 
 @volume_app.command("import")
@@ -169,8 +177,7 @@ def volume_import(
     """Create a volume from a disk image (raw; qcow2 and others through qemu-img)."""
     if not source.is_file():
         raise CliError(f"{source} is not a file")
-    with _progress(f"importing {source}", source.stat().st_size) as bar:
-        size = import_volume(ctx.obj, name, source, bar.update, replicas)
+    size = import_volume(ctx.obj, name, source, _progress(f"importing {source}"), replicas)
     typer.echo(f"imported {source} into volume {name}: {human_size(size)}")
 
 
@@ -182,9 +189,7 @@ def volume_export(
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite TARGET.")] = False,
 ) -> None:
     """Write a volume or snapshot to a sparse raw file."""
-    size = ctx.obj.get_export(name)[0].size
-    with _progress(f"exporting {name}", size) as bar:
-        export_volume(ctx.obj, name, target, bar.update, force)
+    size = export_volume(ctx.obj, name, target, _progress(f"exporting {name}"), force)
     typer.echo(f"exported {name} to {target}: {human_size(size)}")
 
 
@@ -242,6 +247,9 @@ def serve(
         rich_help_panel=FAULTS)] = "-5",
     delay: Annotated[float, typer.Option(
         "--inject-delay", help="Seconds added to every completion.", rich_help_panel=FAULTS)] = 0.0,
+    retry_timeout: Annotated[float, typer.Option(
+        "--retry-timeout", help="Seconds to keep resubmitting I/O that PureFlash calls transient "
+                                "(busy, connection lost) before answering EIO.")] = RETRY_TIME_LIMIT,
 ) -> None:
     """Serve volumes over NBD until SIGTERM or SIGINT; SIGUSR1 logs statistics.
 
@@ -283,7 +291,13 @@ def serve(
     if len(set(names)) != len(names):
         raise CliError("a volume is named twice in --volume")
     specs = [ExportSpec(name, describe(name)) for name in names]  # fails early on a missing volume
-    trio.run(_serve, client, specs, listen, read_only, policy, pid_file)
+    if retry_timeout < 0:
+        raise CliError("--retry-timeout must not be negative")
+    trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout)
+    # Stopped cleanly: a late SIGTERM while the interpreter exits must not turn
+    # that into death by signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _emulated_exports(store: Store, volumes: list[str] | None, all_volumes: bool) -> list[str]:
@@ -380,38 +394,61 @@ class SystemdListen(Listen):
 
 async def _serve(
     client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool, policy: Policy,
-    pid_file: Path | None,
+    pid_file: Path | None, retry_timeout: float,
 ) -> None:
+    shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
     # may already ask us to stop.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
-        listeners = await listen.open()  # before the exports: a socket in use fails at once
+    _shut_down_on_signals(shutdown)
+    listeners = await listen.open()  # before the exports: a socket in use fails at once
+    try:
+        async with open_exports(client, specs, read_only, retry_timeout) as exports:
+            server = Server(exports, policy)
+            _on_signals([signal.SIGUSR1], lambda signum: _log_lines(server.stats()))
+            if pid_file is not None:  # once it can take our signals
+                write_pid_file(pid_file)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run, listeners, shutdown)
+                log.info("%s", logfmt(
+                    "serving", exports=",".join(spec.name for spec in specs),
+                    listen=",".join(listen.describe(listeners)),
+                    tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
+                    max_connections=policy.max_connections))
+            _log_lines(server.stats())
+    finally:
+        listen.remove()
+        if pid_file is not None:
+            remove_pid_file(pid_file)
+
+
+def _shut_down_on_signals(shutdown: trio.Event) -> None:
+    """SIGTERM and SIGINT start a graceful shutdown; repeating them changes nothing.
+
+    A signal that arrives while the server closes its volumes finds trio gone and
+    is dropped: the shutdown it asks for is already under way.
+    """
+
+    def begin(signum: int) -> None:
+        if not shutdown.is_set():
+            log.info("%s: finishing requests in flight, then exiting", signal.Signals(signum).name)
+            shutdown.set()
+
+    _on_signals([signal.SIGTERM, signal.SIGINT], begin)
+
+
+def _on_signals(signums: list[int], action: Callable[[int], None]) -> None:
+    """Runs `action(signum)` in trio's thread when one of `signums` arrives; once trio
+    is gone, the signal is dropped."""
+    token = trio.lowlevel.current_trio_token()
+
+    def handler(signum: int, frame: object) -> None:
         try:
-            async with open_exports(client, specs, read_only) as exports:
-                if pid_file is not None:
-                    write_pid_file(pid_file)
-                server = Server(exports, policy)
-                shutdown = trio.Event()
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(server.run, listeners, shutdown)
-                    log.info("%s", logfmt(
-                        "serving", exports=",".join(spec.name for spec in specs),
-                        listen=",".join(listen.describe(listeners)),
-                        tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
-                        max_connections=policy.max_connections))
-                    async for signum in signals:
-                        if signum == signal.SIGUSR1:
-                            _log_lines(server.stats())
-                            continue
-                        log.info("%s: finishing requests in flight, then exiting",
-                                 signal.Signals(signum).name)
-                        shutdown.set()
-                        break
-                _log_lines(server.stats())
-        finally:
-            listen.remove()
-            if pid_file is not None:
-                remove_pid_file(pid_file)
+            token.run_sync_soon(action, signum)
+        except trio.RunFinishedError:
+            pass  # already stopped
+
+    for signum in signums:
+        signal.signal(signum, handler)
 
 
 def _log_lines(lines: list[str]) -> None:

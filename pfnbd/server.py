@@ -2,9 +2,9 @@
 
 A `Server` owns one nursery of connections.  Each connection negotiates under a
 handshake deadline (STARTTLS and its TLS handshake included), then runs its
-transmission phase, and ends in one log line.  Shutdown is cancellation in two steps:
-stop accepting and stop reading requests, let every request in flight be answered
-(bounded by a drain deadline), then cancel whatever is left.
+transmission phase, and ends in one log line.  Shutdown comes in two steps: stop
+accepting and have each connection finish what is in flight (bounded by a drain
+deadline), then cancel whatever is left.
 
 Listeners are Unix sockets, TCP sockets (IPv4 and IPv6), or the sockets systemd
 passes in socket activation.
@@ -33,7 +33,7 @@ from .store import split_snapshot_name
 from .streams import ClientDisconnected
 from .tls import TlsHandshakeError, TlsStream
 from .transmission import Counters, Transmission
-from .volume import VolumeBridge, VolumeClient
+from .volume import RETRY_TIME_LIMIT, VolumeBridge, VolumeClient
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,11 @@ def export_flags(read_only: bool) -> p.TransmissionFlags:
         | p.TransmissionFlags.SEND_FAST_ZERO | p.TransmissionFlags.SEND_CACHE
         | p.TransmissionFlags.CAN_MULTI_CONN  # one bridge per volume serves every connection
     )
-    return flags | p.TransmissionFlags.READ_ONLY if read_only else flags
+    if read_only:
+        writes = (p.TransmissionFlags.SEND_FUA | p.TransmissionFlags.SEND_TRIM
+                  | p.TransmissionFlags.SEND_WRITE_ZEROES | p.TransmissionFlags.SEND_FAST_ZERO)
+        return (flags & ~writes) | p.TransmissionFlags.READ_ONLY
+    return flags
 
 
 @attrs.frozen
@@ -78,7 +82,8 @@ class ExportSpec:
 
 @asynccontextmanager
 async def open_exports(
-    client: VolumeClient, specs: Sequence[ExportSpec], read_only: bool
+    client: VolumeClient, specs: Sequence[ExportSpec], read_only: bool,
+    retry_time_limit: float = RETRY_TIME_LIMIT,
 ) -> AsyncIterator[list[Export]]:
     """Opens each volume once; every connection to it shares the one bridge."""
     bridges: list[VolumeBridge] = []
@@ -86,7 +91,7 @@ async def open_exports(
         exports = []
         for spec in specs:
             volume, snapshot = split_snapshot_name(spec.name)
-            bridge = VolumeBridge(client.open_volume(volume, snapshot))
+            bridge = VolumeBridge(client.open_volume(volume, snapshot), retry_time_limit)
             bridges.append(bridge)
             export_read_only = read_only or bridge.backend.read_only
             info = ExportInfo(spec.name, spec.description, bridge.size, export_flags(export_read_only))
@@ -125,7 +130,7 @@ class _Connection:
         if self.transmission is None:
             self.scope.cancel()  # still haggling: nothing in flight to finish
         else:
-            self.transmission.stop_reading()
+            self.transmission.shut_down()
 
     @property
     def export(self) -> str | None:

@@ -477,6 +477,11 @@ class HeadImage(_Image):
 
     def punch_hole(self, offset: int, length: int) -> None:
         with self._writing(offset, length):
+            if offset + length == self.size:
+                # The file's last block reaches past the volume's end; only a punch
+                # of the whole block frees it (KEEP_SIZE keeps the file's length).
+                block = os.fstat(self._head).st_blksize
+                length = -(-self.size // block) * block - offset
             if _libc.fallocate(self._head, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
                 code = ctypes.get_errno()
                 raise OSError(code, os.strerror(code))

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ContextManager
 
 from .store import SECTOR, HeadImage, SnapshotImage, Store, StoreError, file_extents
 
@@ -20,6 +21,9 @@ BLOCK = 1 << 20
 _ZEROES = bytes(BLOCK)
 
 Progress = Callable[[int], None]  # called with the bytes just covered
+# Starts progress reporting for a total, once the work is sure to begin: a refusal
+# must come alone, with no progress output before it.
+StartProgress = Callable[[int], ContextManager[Progress]]
 
 
 def _data_blocks(extents, read: Callable[[int, int], bytes]) -> Iterator[tuple[int, bytes]]:
@@ -46,7 +50,8 @@ def image_format(path: Path) -> tuple[str, int]:
     return info["format"], info["virtual-size"]
 
 
-def import_volume(store: Store, name: str, source: Path, progress: Progress, replicas: int = 1) -> int:
+def import_volume(store: Store, name: str, source: Path, start_progress: StartProgress,
+                  replicas: int = 1) -> int:
     """Creates volume `name` from a disk image; returns the volume size."""
     fmt, size = image_format(source)
     size = -(-size // SECTOR) * SECTOR  # volumes are whole sectors
@@ -54,11 +59,12 @@ def import_volume(store: Store, name: str, source: Path, progress: Progress, rep
     try:
         image = store.open_image(name)
         try:
-            if fmt == "raw":
-                _copy_raw_in(source, image, progress)
-            else:
-                _convert_in(source, fmt, store.image_path(name))
-                progress(size)
+            with start_progress(source.stat().st_size) as progress:
+                if fmt == "raw":
+                    _copy_raw_in(source, image, progress)
+                else:
+                    _convert_in(source, fmt, store.image_path(name))
+                    progress(source.stat().st_size)
             image.sync()
         finally:
             image.close()
@@ -96,34 +102,36 @@ def _convert_in(source: Path, fmt: str, target: Path) -> None:
         raise StoreError(f"qemu-img convert failed: {result.stderr.strip()}")
 
 
-def export_volume(store: Store, name: str, target: Path, progress: Progress, force: bool = False) -> int:
+def export_volume(store: Store, name: str, target: Path, start_progress: StartProgress,
+                  force: bool = False) -> int:
     """Writes a volume (or `VOLUME@SNAP`) to a sparse raw file; returns its size."""
     if target.exists() and not force:
         raise StoreError(f"{target} exists: give --force to overwrite it")
     image = store.open_image(name)
     try:
-        _copy_out(image, target, progress)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with start_progress(image.size) as progress:
+                _copy_out(image, fd, progress)
+        finally:
+            os.close(fd)
         return image.size
     finally:
         image.close()
 
 
-def _copy_out(image: HeadImage | SnapshotImage, target: Path, progress: Progress) -> None:
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, image.size)
-        covered = 0
+def _copy_out(image: HeadImage | SnapshotImage, fd: int, progress: Progress) -> None:
+    os.ftruncate(fd, image.size)
+    covered = 0
 
-        def read(offset: int, length: int) -> bytes:
-            buffer = memoryview(bytearray(length))
-            image.readv([buffer], offset)
-            return bytes(buffer)
+    def read(offset: int, length: int) -> bytes:
+        buffer = memoryview(bytearray(length))
+        image.readv([buffer], offset)
+        return bytes(buffer)
 
-        for offset, data in _data_blocks(image.extents(0, image.size), read):
-            os.pwrite(fd, data, offset)
-            progress(offset + len(data) - covered)
-            covered = offset + len(data)
-        progress(image.size - covered)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for offset, data in _data_blocks(image.extents(0, image.size), read):
+        os.pwrite(fd, data, offset)
+        progress(offset + len(data) - covered)
+        covered = offset + len(data)
+    progress(image.size - covered)
+    os.fsync(fd)

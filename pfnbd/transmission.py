@@ -191,6 +191,7 @@ class Transmission:
         self._max_payload = agreement.export.block_sizes.maximum
         self.counters = Counters()
         self.reading = trio.CancelScope()
+        self._shutting_down = False
 
     async def run(self) -> None:
         """Returns after DISC once every request in flight has been answered."""
@@ -203,9 +204,15 @@ class Transmission:
                         raise
                     # EOF between requests: answer what is in flight, as after DISC.
 
-    def stop_reading(self) -> None:
-        """Shutdown: take no new requests, finish the ones in flight."""
-        self.reading.cancel()
+    def shut_down(self) -> None:
+        """Server shutdown: finish what is in flight, answer anything new with
+        ESHUTDOWN, and end the connection once nothing is in flight."""
+        self._shutting_down = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if self._shutting_down and self._slots.value == MAX_REQUESTS_IN_FLIGHT:
+            self.reading.cancel()
 
     async def _read_requests(self, handlers: trio.Nursery) -> None:
         extended = self._agreement.extended_headers
@@ -215,11 +222,19 @@ class Transmission:
                 return
             await self._slots.acquire()
             try:
-                payload, refusal = await self._receive_payload(request)
+                if self._shutting_down:
+                    await self._receiver.discard(self._payload_length(request))
+                    payload, refusal = None, RequestError(p.Errno.ESHUTDOWN, "the server is shutting down")
+                else:
+                    payload, refusal = await self._receive_payload(request)
             except BaseException:
-                self._slots.release()
+                self._release_slot()
                 raise
             handlers.start_soon(self._handle, request, payload, refusal)
+
+    def _release_slot(self) -> None:
+        self._slots.release()
+        self._close_if_idle()
 
     def _payload_length(self, request: Request) -> int:
         # The spec has WRITE set PAYLOAD_LEN under extended headers, but QEMU 10's
@@ -281,7 +296,7 @@ class Transmission:
                     await self._stream.send_all(buffer)
         finally:
             self._budget.release(reserved)
-            self._slots.release()
+            self._release_slot()
 
     def _refuse(self, request: Request, error: p.Errno, message: str) -> list[Buffer]:
         self.counters.errors += 1

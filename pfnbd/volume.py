@@ -17,6 +17,8 @@ Two halves, one narrow interface between them (`VolumeBackend`):
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
 import queue
 import random
@@ -206,15 +208,34 @@ class EmulatedVolume:
     # -- vol_proc: the volume's own thread --------------------------------
 
     def _vol_proc(self) -> None:
-        while (io := self._queue.get()) is not None:
+        # Completions held back by an injected delay, due time first: each I/O is
+        # late by the delay, but they overlap as a network's round trips would.
+        delayed: list[tuple[float, int, _Io, int]] = []
+        sequence = itertools.count()
+        while True:
+            timeout = max(0.0, delayed[0][0] - time.monotonic()) if delayed else None
+            try:
+                io = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                _, _, io, status = heapq.heappop(delayed)
+                self._complete(io, status)
+                continue
+            if io is None:
+                break
             status = self._execute(io)
-            with self._pool_lock:
-                self._in_flight -= 1
-            io.callback(io.cbk_arg, status)
+            if self._faults.delay:
+                heapq.heappush(delayed, (time.monotonic() + self._faults.delay, next(sequence), io, status))
+            else:
+                self._complete(io, status)
+        for _, _, io, status in sorted(delayed):  # closing: everything completes first
+            self._complete(io, status)
+
+    def _complete(self, io: _Io, status: int) -> None:
+        with self._pool_lock:
+            self._in_flight -= 1
+        io.callback(io.cbk_arg, status)
 
     def _execute(self, io: _Io) -> int:
-        if self._faults.delay:
-            time.sleep(self._faults.delay)
         if self._faults.error_rate and self._random.random() < self._faults.error_rate:
             return self._faults.status
         try:
@@ -330,8 +351,9 @@ DISCARD_CHUNK = 1 << 30
 PF_STATUS_CONNECTION_LOST = 0xC3
 PF_STATUS_NO_RESOURCE = 0xCF
 RETRYABLE = {-errno.EAGAIN, PF_STATUS_CONNECTION_LOST, PF_STATUS_NO_RESOURCE}
-MAX_ATTEMPTS = 5
-RETRY_FIRST_DELAY = 10e-3
+RETRY_TIME_LIMIT = 30.0  # as PureFlash's io_timeout: past it, the cluster is gone
+RETRY_FIRST_DELAY = 1e-3
+RETRY_MAX_DELAY = 1.0
 
 Submit = Callable[[IoHandler, object], int]  # one pf_*_submit call, given callback and cbk_arg
 
@@ -367,8 +389,9 @@ class VolumeBridge:
     to check (the library does not).  Errors raise `VolumeIOError`.
     """
 
-    def __init__(self, backend: VolumeBackend) -> None:
+    def __init__(self, backend: VolumeBackend, retry_time_limit: float = RETRY_TIME_LIMIT) -> None:
         self.backend = backend
+        self.retry_time_limit = retry_time_limit
         self.size = backend.size
         self._inbox = _CompletionInbox(trio.lowlevel.current_trio_token())
         self._mutations = RangeLock()
@@ -379,16 +402,15 @@ class VolumeBridge:
         """Runs every submit to completion, retrying what PureFlash says is transient."""
         pending = range(len(submits))
         delay = RETRY_FIRST_DELAY
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            failures = await self._submit_round(submits, pending)
-            if not failures:
-                return
+        deadline = trio.current_time() + self.retry_time_limit
+        while failures := await self._submit_round(submits, pending):
             status = next(iter(failures.values()))
-            if attempt == MAX_ATTEMPTS or any(s not in RETRYABLE for s in failures.values()):
+            if trio.current_time() >= deadline or any(s not in RETRYABLE for s in failures.values()):
                 raise VolumeIOError(status)
-            log.info("retrying %d of %d submits after status %#x", len(failures), len(submits), status)
-            await trio.sleep(delay)
-            delay *= 2
+            log.debug("retrying %d of %d submits after status %#x", len(failures), len(submits), status)
+            with trio.CancelScope(shield=True):  # a retried write must finish, as any other
+                await trio.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX_DELAY)
             pending = sorted(failures)
 
     async def _submit_round(self, submits: Sequence[Submit], indices: Iterable[int]) -> dict[int, int]:

@@ -92,9 +92,9 @@ def test_write_data_is_copied_at_submit(store):
         volume.close()
 
 
-def run_bridge(store, body, **client_options):
+def run_bridge(store, body, retry_time_limit=30.0, **client_options):
     async def main():
-        bridge = VolumeBridge(EmulatedClient(store, **client_options).open_volume("v"))
+        bridge = VolumeBridge(EmulatedClient(store, **client_options).open_volume("v"), retry_time_limit)
         try:
             return await body(bridge)
         finally:
@@ -199,7 +199,8 @@ def test_persistent_failures_surface_as_errors(store, status):
             await bridge.write(0, memoryview(bytearray(4096)))
         return failure.value.errno
 
-    assert run_bridge(store, body, faults=Faults(error_rate=1.0, status=status)) == errno.EIO
+    faults = Faults(error_rate=1.0, status=status)
+    assert run_bridge(store, body, retry_time_limit=0.5, faults=faults) == errno.EIO
 
 
 def test_chunk_buffers_regroups_without_copying():
@@ -207,3 +208,16 @@ def test_chunk_buffers_regroups_without_copying():
     chunks = list(chunk_buffers([a, b], 512))
     assert [sum(map(len, c)) for c in chunks] == [512, 288]
     assert all(piece.obj in (a.obj, b.obj) for c in chunks for piece in c)
+
+
+def test_injected_delay_is_latency_not_a_queue(store):
+    """64 reads delayed 0.2 s each overlap, as round trips to a cluster would."""
+
+    async def body(bridge):
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for i in range(64):
+                nursery.start_soon(bridge.read, i * 4096, 4096)
+        return trio.current_time() - start
+
+    assert run_bridge(store, body, faults=Faults(delay=0.2)) < 0.2 * 64 / 4
