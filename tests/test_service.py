@@ -237,6 +237,7 @@ def test_max_connections_closes_extra_clients_until_one_leaves(start_server, hel
     first.wait()
     connection_lines(server, 2)  # the refused client, then the first one leaving
     admitted = nbdinfo("--size", server.uri())
+    connection_lines(server, 3)  # the admitted client's connection has ended too
     os.kill(server.process.pid, signal.SIGUSR1)
     wait_for(lambda: log_lines(server, "stats"), "a stats line")
 
@@ -336,22 +337,37 @@ def test_verbose_traces_options_and_a_quiet_server_does_not(launch, tmp_path):
     assert "option " not in quiet.log() and "accepted" not in quiet.log(), quiet.log()
 
 
+def report_stats(server, export: str, exports: int, until, timeout: float = 10) -> dict[str, int]:
+    """Sends SIGUSR1 until the `stats` line of `export` satisfies `until`: a connection
+    counts for its export once in transmission, a moment after its client saw the
+    reply to NBD_OPT_GO."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reported = len(log_lines(server, "stats")) + 1 + exports  # the server's line, then one each
+        os.kill(server.process.pid, signal.SIGUSR1)
+        wait_for(lambda: len(log_lines(server, "stats")) >= reported, "stats lines")
+        fields = stats_line(server, export)
+        if until(fields) or time.monotonic() > deadline:
+            return fields
+        time.sleep(0.1)
+
+
 def test_sigusr1_logs_per_export_stats_counting_live_connections(start_server, held):
     server = start_server({"test_v1": "64M", "other": "1M"})
     run("qemu-io", "-f", "raw", server.uri(), "-c", "write 0 256k", "-c", "read 0 128k", timeout=60)
+    connection_lines(server, 1)  # qemu-io's connection has ended
     held(server.uri("other"))
 
-    os.kill(server.process.pid, signal.SIGUSR1)
-    wait_for(lambda: log_lines(server, "stats"), "a stats line")
-    live = stats_line(server, "test_v1"), stats_line(server, "other")
+    other = report_stats(server, "other", 2, lambda fields: fields["active"] == 1)
+    ended = stats_line(server, "test_v1")
     code = server.stop()
-    at_exit = stats_line(server, "test_v1")
+    at_exit = stats_line(server, "test_v1"), stats_line(server, "other")
 
-    assert live[0]["connections"] == 1 and live[0]["active"] == 0
-    assert live[0]["bytes_written"] == 256 * 1024 and live[0]["bytes_read"] == 128 * 1024
-    assert live[1]["connections"] == 1 and live[1]["active"] == 1
-    assert code == 0 and at_exit == live[0]
-    assert len(log_lines(server, "stats")) == 6  # server + two exports, twice
+    assert other["connections"] == 1 and other["active"] == 1
+    assert ended["connections"] == 1 and ended["active"] == 0
+    assert ended["bytes_written"] == 256 * 1024 and ended["bytes_read"] == 128 * 1024
+    assert code == 0 and at_exit[0] == ended
+    assert at_exit[1]["connections"] == 1 and at_exit[1]["active"] == 0  # closed by the shutdown
 
 
 # --- examples/ --------------------------------------------------------------------------------
