@@ -54,6 +54,7 @@ class TlsMode(enum.Enum):
     ON = "on"  # SELECTIVETLS with no TLS-only export: the client chooses
     REQUIRE = "require"  # FORCEDTLS: nothing but STARTTLS and ABORT before TLS
 
+
 # Options a FORCEDTLS server answers before TLS; every other one gets ERR_TLS_REQD.
 ALLOWED_BEFORE_TLS = {p.Option.STARTTLS, p.Option.ABORT}
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from conftest import SYSTEM_PYTHON, Cli, pfnbd_command, require, run
+from conftest import Cli, pfnbd_command, require, run
+from test_cli import free_loopback_port, hold_connection
 from test_tls import connection_lines, launch, log_lines, nbdinfo, pki  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,22 +47,6 @@ def wait_for(predicate, what: str, timeout: float = 10) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         time.sleep(0.05)
-
-
-def hold_connection(uri: str) -> subprocess.Popen[str]:
-    """A libnbd client that connects, says so, then idles until killed."""
-    client = subprocess.Popen(
-        [SYSTEM_PYTHON, "-c", "import nbd, sys, time\n"
-         "h = nbd.NBD(); h.connect_uri(sys.argv[1]); print('connected', flush=True)\n"
-         "time.sleep(600)", uri],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    ready, _, _ = select.select([client.stdout], [], [], 30)
-    line = client.stdout.readline() if ready else "(nothing in 30 s)"
-    if line != "connected\n":
-        client.kill()
-        raise AssertionError(f"client could not connect: {line!r} {client.stderr.read()}")
-    return client
 
 
 @pytest.fixture
@@ -147,12 +132,6 @@ def test_tcp_port_in_use_is_a_one_line_error(launch, cli):
     line = serve_fails(cli, "--volume", "test_v1", "--bind", "127.0.0.1", "--port", str(server.port))
 
     assert f"127.0.0.1:{server.port}" in line
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @attrs.define

@@ -32,8 +32,9 @@ CLIENT_CERT_NAME = "pfnbd-client"  # make-tls-certs.sh's default client certific
 # --- the PKI ------------------------------------------------------------------------------
 
 
-def make_pki(directory: Path, *server_names: str) -> Path:
-    run(str(EXAMPLES / "make-tls-certs.sh"), str(directory), *server_names, timeout=120)
+def make_pki(directory: Path) -> Path:
+    """A CA and certificates naming localhost, 127.0.0.1 and ::1 (the script's default)."""
+    run(str(EXAMPLES / "make-tls-certs.sh"), str(directory), timeout=120)
     return directory
 
 
@@ -72,12 +73,11 @@ def qemu_tls_object(certificates: Path) -> str:
     return f"tls-creds-x509,id=tls0,dir={certificates},endpoint=client"
 
 
-def qemu_unix_opts(socket_path: Path, tls: bool = True, export: str = "test_v1") -> str:
-    """`--image-opts` for a volume on a Unix socket; QEMU wants a name to check the
-    server certificate against even there (the certificates name localhost)."""
-    opts = (f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={socket_path},"
-            f"file.export={export}")
-    return opts + (",file.tls-creds=tls0,file.tls-hostname=localhost" if tls else "")
+def qemu_unix_opts(socket_path: Path, export: str = "test_v1") -> str:
+    """`--image-opts` for a volume on a Unix socket over TLS; QEMU wants a name to check
+    the server certificate against even there (the certificates name localhost)."""
+    return (f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={socket_path},"
+            f"file.export={export},file.tls-creds=tls0,file.tls-hostname=localhost")
 
 
 def qemu_tcp_opts(host: str, port: int, export: str = "test_v1") -> str:
@@ -375,7 +375,7 @@ def types(replies: list[tuple[p.OptionReply, bytes]]) -> list[p.OptionReply]:
 
 
 @pytest.fixture
-def raw_client(request):
+def raw_client():
     clients: list[RawClient] = []
 
     def connect(socket_path: Path) -> RawClient:
