@@ -9,23 +9,32 @@ import logging
 import os
 import re
 import signal
+import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
+import attrs
 import trio
 import typer
 
 from . import protocol as p
-from .server import ExportSpec, ListenError, Server, open_exports, open_tcp_listeners, open_unix_listener, remove_socket
-from .store import SUFFIX_SHIFT, Store, StoreError, human_size
+from .negotiation import TlsMode
 from .pureflash import LIBRARY_ENV, PureFlashClient
+from .server import (
+    HANDSHAKE_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt, open_exports,
+    open_tcp_listeners, open_unix_listener, remove_socket, systemd_listeners,
+)
+from .store import SUFFIX_SHIFT, Store, StoreError, human_size
+from .tls import TlsConfigError, server_context
 from .transfer import export_volume, import_volume
 from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, RETRY_TIME_LIMIT, EmulatedClient, Faults, VolumeClient, VolumeOpenError
 
 log = logging.getLogger("pfnbd")
 
 DEFAULT_PORT = 10809
+DEFAULT_BIND = "127.0.0.1"  # serving the network is the operator's explicit choice
 DEFAULT_VOLUME = "default"
 DEFAULT_VOLUME_SIZE = "1G"
 SIZE = re.compile(r"(\d+)([KMGT]?)", re.IGNORECASE)
@@ -200,9 +209,27 @@ def serve(
                          f"{DEFAULT_VOLUME!r}, created with {DEFAULT_VOLUME_SIZE} if missing.")] = None,
     all_volumes: Annotated[bool, typer.Option("--all", help="Export every volume of the data directory.")] = False,
     socket: Annotated[Optional[Path], typer.Option("--socket", "-k", help="Listen on this Unix socket.")] = None,
-    bind: Annotated[Optional[str], typer.Option("--bind", help="TCP address to listen on.")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", "-p", help=f"TCP port [default: {DEFAULT_PORT}].")] = None,
+    socket_mode: Annotated[str, typer.Option(
+        "--socket-mode", help="Permissions of the Unix socket, in octal (660 lets the group in).")] = "600",
+    bind: Annotated[Optional[str], typer.Option(
+        "--bind", help=f"TCP address to listen on, IPv4 or IPv6 (default {DEFAULT_BIND}).")] = None,
+    port: Annotated[Optional[int], typer.Option(
+        "--port", "-p", help=f"TCP port, 0 for any free one (default {DEFAULT_PORT}).")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse every write.")] = False,
+    tls: Annotated[TlsMode, typer.Option(
+        "--tls", case_sensitive=False,
+        help="off: no TLS; on: clients may start TLS; require: clients must.")] = TlsMode.OFF,
+    tls_certificates: Annotated[Optional[Path], typer.Option(
+        "--tls-certificates", help="Directory with ca-cert.pem, server-cert.pem and server-key.pem.")] = None,
+    tls_verify_peer: Annotated[bool, typer.Option(
+        "--tls-verify-peer", help="Require client certificates signed by ca-cert.pem.")] = False,
+    max_connections: Annotated[Optional[int], typer.Option(
+        "--max-connections", help="Close connections beyond this many at once (default: no limit).")] = None,
+    pid_file: Annotated[Optional[Path], typer.Option(
+        "--pid-file", help="Write the server's pid here once it listens; removed at exit.")] = None,
+    handshake_limit: Annotated[float, typer.Option(
+        "--handshake-limit", help="Seconds a client has to finish negotiation, TLS included.")
+    ] = HANDSHAKE_TIMEOUT,
     backend: Annotated[Backend, typer.Option(
         "--backend", case_sensitive=False,
         help="emulated: the embedded cluster of the data directory; pureflash: a real cluster, "
@@ -224,12 +251,28 @@ def serve(
         "--retry-timeout", help="Seconds to keep resubmitting I/O that PureFlash calls transient "
                                 "(busy, connection lost) before answering EIO.")] = RETRY_TIME_LIMIT,
 ) -> None:
-    """Serve volumes over NBD until SIGTERM or SIGINT."""
+    """Serve volumes over NBD until SIGTERM or SIGINT; SIGUSR1 logs statistics.
+
+    Listens on --socket, or on TCP when --bind or --port is given, or else on the
+    sockets systemd passes (socket activation).
+    """
     store: Store = ctx.obj
     if socket is not None and (bind is not None or port is not None):
         raise CliError("--socket cannot be combined with --bind or --port")
-    if port is not None and not 0 < port < 65536:
+    if port is not None and not 0 <= port < 65536:
         raise CliError(f"invalid port {port}")
+    if max_connections is not None and max_connections < 1:
+        raise CliError(f"invalid --max-connections {max_connections}: give 1 or more")
+    if not handshake_limit > 0:
+        raise CliError(f"invalid --handshake-limit {handshake_limit}: give a number of seconds")
+    policy = Policy(tls, _tls_context(tls, tls_certificates, tls_verify_peer), max_connections,
+                    handshake_limit)
+    if socket is not None:
+        listen: Listen = UnixListen(socket, _parse_mode(socket_mode))
+    elif bind is not None or port is not None:
+        listen = TcpListen((bind or DEFAULT_BIND).strip("[]"), DEFAULT_PORT if port is None else port)
+    else:
+        listen = SystemdListen()
     if all_volumes and volumes:
         raise CliError("--all cannot be combined with --volume")
     if backend is Backend.PUREFLASH:
@@ -250,7 +293,7 @@ def serve(
     specs = [ExportSpec(name, describe(name)) for name in names]  # fails early on a missing volume
     if retry_timeout < 0:
         raise CliError("--retry-timeout must not be negative")
-    trio.run(_serve, client, specs, socket, bind or "127.0.0.1", port or DEFAULT_PORT, read_only, retry_timeout)
+    trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout)
     # Stopped cleanly: a late SIGTERM while the interpreter exits must not turn
     # that into death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -280,31 +323,102 @@ def _faults(io_depth: int, error_rate: float, error_status: str, delay: float) -
         raise CliError(f"fault injection: {error}") from None
 
 
+def _tls_context(mode: TlsMode, directory: Path | None, verify_peer: bool) -> ssl.SSLContext | None:
+    if mode is TlsMode.OFF:
+        if directory is not None or verify_peer:
+            raise CliError("--tls-certificates and --tls-verify-peer need --tls on or --tls require")
+        return None
+    if directory is None:
+        raise CliError(f"--tls {mode.value} needs --tls-certificates DIR")
+    try:
+        return server_context(directory, verify_peer)
+    except TlsConfigError as error:
+        raise CliError(str(error)) from None
+
+
+def _parse_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise CliError(f"invalid --socket-mode {text!r}: give octal permissions such as 600")
+    return mode
+
+
+class Listen:
+    """Where `serve` listens: opens the listeners, names them for the log, and cleans up."""
+
+    async def open(self) -> list[trio.SocketListener]:
+        raise NotImplementedError
+
+    def describe(self, listeners: list[trio.SocketListener]) -> list[str]:
+        return [listener_name(listener) for listener in listeners]
+
+    def remove(self) -> None:
+        pass  # nothing of ours is left on disk
+
+
+@attrs.frozen
+class UnixListen(Listen):
+    path: Path
+    mode: int
+
+    async def open(self) -> list[trio.SocketListener]:
+        return [await open_unix_listener(self.path, self.mode)]
+
+    def remove(self) -> None:
+        remove_socket(self.path)
+
+
+@attrs.frozen
+class TcpListen(Listen):
+    host: str
+    port: int
+
+    async def open(self) -> list[trio.SocketListener]:
+        return await open_tcp_listeners(self.port, self.host)
+
+
+@attrs.frozen
+class SystemdListen(Listen):
+    """The sockets systemd passes; they are systemd's to remove."""
+
+    async def open(self) -> list[trio.SocketListener]:
+        listeners = systemd_listeners()
+        if listeners is None:
+            raise CliError("give --socket PATH or --bind/--port, or start pfnbd through "
+                           "systemd socket activation (LISTEN_FDS)")
+        return listeners
+
+
 async def _serve(
-    client: VolumeClient, specs: list[ExportSpec], socket: Path | None, bind: str, port: int,
-    read_only: bool, retry_timeout: float,
+    client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool, policy: Policy,
+    pid_file: Path | None, retry_timeout: float,
 ) -> None:
     shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
     # may already ask us to stop.
     _shut_down_on_signals(shutdown)
-    socket_created = False
-    async with open_exports(client, specs, read_only, retry_timeout) as exports:
-        try:
-            if socket is not None:
-                listeners = [await open_unix_listener(socket)]
-                socket_created = True
-                where = f"unix:{socket}"
-            else:
-                listeners = await open_tcp_listeners(port, bind)
-                where = f"{bind}:{port}"
-            server = Server(exports)
+    listeners = await listen.open()  # before the exports: a socket in use fails at once
+    try:
+        async with open_exports(client, specs, read_only, retry_timeout) as exports:
+            server = Server(exports, policy)
+            _on_signals([signal.SIGUSR1], lambda signum: _log_lines(server.stats()))
+            if pid_file is not None:  # once it can take our signals
+                write_pid_file(pid_file)
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.run, listeners, shutdown)
-                log.info("serving %s on %s", ", ".join(spec.name for spec in specs), where)
-        finally:
-            if socket_created:
-                remove_socket(socket)
+                log.info("%s", logfmt(
+                    "serving", exports=",".join(spec.name for spec in specs),
+                    listen=",".join(listen.describe(listeners)),
+                    tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
+                    max_connections=policy.max_connections))
+            _log_lines(server.stats())
+    finally:
+        listen.remove()
+        if pid_file is not None:
+            remove_pid_file(pid_file)
 
 
 def _shut_down_on_signals(shutdown: trio.Event) -> None:
@@ -313,21 +427,53 @@ def _shut_down_on_signals(shutdown: trio.Event) -> None:
     A signal that arrives while the server closes its volumes finds trio gone and
     is dropped: the shutdown it asks for is already under way.
     """
-    token = trio.lowlevel.current_trio_token()
 
     def begin(signum: int) -> None:
         if not shutdown.is_set():
             log.info("%s: finishing requests in flight, then exiting", signal.Signals(signum).name)
             shutdown.set()
 
+    _on_signals([signal.SIGTERM, signal.SIGINT], begin)
+
+
+def _on_signals(signums: list[int], action: Callable[[int], None]) -> None:
+    """Runs `action(signum)` in trio's thread when one of `signums` arrives; once trio
+    is gone, the signal is dropped."""
+    token = trio.lowlevel.current_trio_token()
+
     def handler(signum: int, frame: object) -> None:
         try:
-            token.run_sync_soon(begin, signum)
+            token.run_sync_soon(action, signum)
         except trio.RunFinishedError:
             pass  # already stopped
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in signums:
         signal.signal(signum, handler)
+
+
+def _log_lines(lines: list[str]) -> None:
+    for line in lines:
+        log.info("%s", line)
+
+
+def write_pid_file(path: Path) -> None:
+    """Atomically: a reader never sees an empty or partial pid file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        partial.write_text(f"{os.getpid()}\n")
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise CliError(f"cannot write --pid-file {path}: {error.strerror}") from None
+
+
+def remove_pid_file(path: Path) -> None:
+    """Only our own: a newer server may have written its pid there since."""
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
 
 
 def main() -> None:

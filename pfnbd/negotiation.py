@@ -5,7 +5,9 @@ flags and options as bytes and answers with the bytes to send, so tests and fuzz
 drive it directly.  `negotiate()` is the thin trio driver that feeds it.
 
 The states read as a table: AWAIT_CLIENT_FLAGS -> OPTIONS -> TRANSMISSION, or CLOSED
-when either side ends the haggling.  A client that breaks a MUST of the spec raises
+when either side ends the haggling.  NBD_OPT_STARTTLS is a detour: OPTIONS ->
+STARTING_TLS while the driver runs the TLS handshake, then OPTIONS again with every
+option agreed in clear forgotten.  A client that breaks a MUST of the spec raises
 `RemoteProtocolError` (the connection is dropped); everything else gets the option
 reply the spec prescribes and negotiation goes on.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import ssl
 from collections.abc import Sequence
 
 import attrs
@@ -22,6 +25,7 @@ import trio
 
 from . import protocol as p
 from .streams import Receiver
+from .tls import start_tls
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,21 @@ class RemoteProtocolError(Exception):
 class State(enum.Enum):
     AWAIT_CLIENT_FLAGS = enum.auto()
     OPTIONS = enum.auto()
+    STARTING_TLS = enum.auto()
     TRANSMISSION = enum.auto()
     CLOSED = enum.auto()
+
+
+class TlsMode(enum.Enum):
+    """The spec's three server modes, spelled as nbdkit's --tls spells them."""
+
+    OFF = "off"  # NOTLS: STARTTLS is refused by policy
+    ON = "on"  # SELECTIVETLS with no TLS-only export: the client chooses
+    REQUIRE = "require"  # FORCEDTLS: nothing but STARTTLS and ABORT before TLS
+
+
+# Options a FORCEDTLS server answers before TLS; every other one gets ERR_TLS_REQD.
+ALLOWED_BEFORE_TLS = {p.Option.STARTTLS, p.Option.ABORT}
 
 
 @attrs.frozen
@@ -75,6 +92,7 @@ class OptionOutcome:
     replies: list[bytes]
     agreement: Agreement | None = None  # set when negotiation ended in transmission
     close: bool = False  # set when the connection ends after the replies
+    start_tls: bool = False  # set when the TLS handshake follows the replies
 
 
 def option_reply(option: int, reply: p.OptionReply, payload: bytes = b"") -> bytes:
@@ -91,17 +109,24 @@ def option_error(option: int, reply: p.OptionReply, message: str) -> bytes:
 class Negotiation:
     """The server's side of one handshake."""
 
-    def __init__(self, exports: Sequence[ExportInfo]) -> None:
+    def __init__(self, exports: Sequence[ExportInfo], tls_mode: TlsMode = TlsMode.OFF) -> None:
         self._exports = {export.name: export for export in exports}
         # The empty name selects the default export (the first one), as in qemu-nbd.
         self._default = exports[0] if exports else None
+        self.tls_mode = tls_mode
+        self.tls_active = False
         self.state = State.AWAIT_CLIENT_FLAGS
         self.no_zeroes = False
+        self.options_seen = 0
+        self._forget_options()
+
+    def _forget_options(self) -> None:
+        """Sets every attribute an option can change: STARTTLS calls it again, since no
+        option state may survive it (the spec, on NBD_OPT_STARTTLS)."""
         self.structured_replies = False
         self.extended_headers = False
         self._meta_contexts: dict[int, str] = {}
         self._meta_context_export: str | None = None
-        self.options_seen = 0
 
     @staticmethod
     def greeting() -> bytes:
@@ -128,21 +153,48 @@ class Negotiation:
         if self.options_seen > MAX_OPTIONS:
             raise RemoteProtocolError(f"more than {MAX_OPTIONS} options")
         handler = self._handlers.get(option)
-        if handler is None:
-            return OptionOutcome(
+        if self._tls_required(option):
+            outcome = self._refuse_before_tls(option)
+        elif handler is None:
+            outcome = OptionOutcome(
                 [option_error(option, p.OptionReply.ERR_UNSUP, f"option {option} is not supported")]
             )
-        outcome = handler(self, option, data)
+        else:
+            outcome = handler(self, option, data)
         if outcome.agreement is not None:
             self.state = State.TRANSMISSION
         elif outcome.close:
             self.state = State.CLOSED
+        elif outcome.start_tls:
+            self.state = State.STARTING_TLS
         return outcome
 
     def receive_oversized_option(self, option: int) -> OptionOutcome:
         """The client announced more option data than we accept; it was discarded."""
+        if self._tls_required(option):
+            return self._refuse_before_tls(option)
         return OptionOutcome(
             [option_error(option, p.OptionReply.ERR_TOO_BIG, "option data too long")]
+        )
+
+    def tls_started(self) -> None:
+        """The driver completed the TLS handshake: haggling starts over, encrypted."""
+        self._expect(State.STARTING_TLS)
+        self.tls_active = True
+        self._forget_options()
+        self.state = State.OPTIONS
+
+    def _tls_required(self, option: int) -> bool:
+        return (self.tls_mode is TlsMode.REQUIRE and not self.tls_active
+                and option not in ALLOWED_BEFORE_TLS)
+
+    def _refuse_before_tls(self, option: int) -> OptionOutcome:
+        if option == p.Option.EXPORT_NAME:
+            # EXPORT_NAME has no error reply: FORCEDTLS must end the session.
+            log.info("client asked for an export before starting TLS")
+            return OptionOutcome([], close=True)
+        return OptionOutcome(
+            [option_error(option, p.OptionReply.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")]
         )
 
     # -- option handlers --------------------------------------------------
@@ -165,6 +217,17 @@ class Negotiation:
 
     def _abort(self, option: int, data: bytes) -> OptionOutcome:
         return OptionOutcome([option_reply(option, p.OptionReply.ACK)], close=True)
+
+    def _starttls(self, option: int, data: bytes) -> OptionOutcome:
+        if data:
+            return self._invalid(option, "NBD_OPT_STARTTLS carries no data")
+        if self.tls_mode is TlsMode.OFF:
+            return OptionOutcome(
+                [option_error(option, p.OptionReply.ERR_POLICY, "TLS is not enabled on this server")]
+            )
+        if self.tls_active:
+            return self._invalid(option, "TLS is already active")
+        return OptionOutcome([option_reply(option, p.OptionReply.ACK)], start_tls=True)
 
     def _list(self, option: int, data: bytes) -> OptionOutcome:
         if data:
@@ -263,6 +326,7 @@ class Negotiation:
     _handlers = {
         p.Option.EXPORT_NAME: _export_name,
         p.Option.ABORT: _abort,
+        p.Option.STARTTLS: _starttls,
         p.Option.LIST: _list,
         p.Option.INFO: _info_or_go,
         p.Option.GO: _info_or_go,
@@ -303,13 +367,37 @@ def _matching_contexts(query: str, setting: bool) -> list[str]:
     return []  # unknown namespaces and leaves are ignored, as the spec requires
 
 
+@attrs.define
+class Channel:
+    """The stream a connection talks over and the one receiver reading it.
+
+    STARTTLS replaces both: bytes a client sent in clear after its STARTTLS are dropped
+    with the old receiver, so nothing injected before the handshake is read as an option.
+    """
+
+    stream: trio.abc.Stream
+    receiver: Receiver = attrs.field()
+
+    @receiver.default
+    def _receiver(self) -> Receiver:
+        return Receiver(self.stream)
+
+    def replace(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.receiver = Receiver(stream)
+
+
 async def negotiate(
-    stream: trio.abc.SendStream, receiver: Receiver, negotiation: Negotiation
+    channel: Channel, negotiation: Negotiation, tls_context: ssl.SSLContext | None = None
 ) -> Agreement | None:
-    """Run the handshake on a connection; None when it ended without transmission."""
-    await stream.send_all(negotiation.greeting())
-    negotiation.receive_client_flags(await receiver.receive_exactly(p.client_flags.sizeof()))
+    """Run the handshake on a connection; None when it ended without transmission.
+
+    `tls_context` is needed unless the negotiation's TLS mode is OFF.
+    """
+    await channel.stream.send_all(negotiation.greeting())
+    negotiation.receive_client_flags(await channel.receiver.receive_exactly(p.client_flags.sizeof()))
     while True:
+        receiver = channel.receiver
         header = p.option_header.parse(await receiver.receive_exactly(p.option_header.sizeof()))
         if header.magic != p.IHAVEOPT:
             raise RemoteProtocolError(f"bad option magic {header.magic:#x}")
@@ -321,12 +409,36 @@ async def negotiate(
         else:
             data = await receiver.receive_exactly(header.length)
             outcome = negotiation.receive_option(header.option, data)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("option %s length=%d%s: %s", _name(p.Option, header.option), header.length,
+                      " (TLS)" if negotiation.tls_active else "",
+                      _reply_names(header.option, outcome.replies))
         try:
             for reply in outcome.replies:
-                await stream.send_all(reply)
+                await channel.stream.send_all(reply)
         except trio.BrokenResourceError:
             if not outcome.close:
                 raise
             # A client that sent ABORT may close without reading our ACK.
+        if outcome.start_tls:
+            channel.replace(await start_tls(channel.stream, tls_context))
+            negotiation.tls_started()
+            log.debug("TLS handshake done: %s", channel.stream.version)
         if outcome.agreement is not None or outcome.close:
             return outcome.agreement
+
+
+def _name(enumeration: type[enum.IntEnum], value: int) -> str:
+    try:
+        return enumeration(value).name
+    except ValueError:
+        return str(value)
+
+
+def _reply_names(option: int, replies: list[bytes]) -> str:
+    """The replies an option got, for tracing: `INFO INFO ACK`, or `disconnect`."""
+    if not replies:
+        return "disconnect"
+    if option == p.Option.EXPORT_NAME:
+        return "export size and flags"  # the one answer without an option reply header
+    return " ".join(_name(p.OptionReply, p.option_reply_header.parse(r).type) for r in replies)

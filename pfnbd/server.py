@@ -1,9 +1,13 @@
-"""Listeners, connection lifecycle and shutdown.
+"""Listeners, connection lifecycle, policy, statistics and shutdown.
 
 A `Server` owns one nursery of connections.  Each connection negotiates under a
-handshake deadline, then runs its transmission phase.  Shutdown is cancellation in
-two steps: stop accepting and stop reading requests, let every request in flight be
-answered (bounded by a drain deadline), then cancel whatever is left.
+handshake deadline (STARTTLS and its TLS handshake included), then runs its
+transmission phase, and ends in one log line.  Shutdown comes in two steps: stop
+accepting and have each connection finish what is in flight (bounded by a drain
+deadline), then cancel whatever is left.
+
+Listeners are Unix sockets, TCP sockets (IPv4 and IPv6), or the sockets systemd
+passes in socket activation.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import itertools
 import logging
 import os
 import socket as stdlib_socket
+import ssl
 import stat
+import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,16 +28,23 @@ import attrs
 import trio
 
 from . import protocol as p
-from .negotiation import ExportInfo, Negotiation, RemoteProtocolError, negotiate
+from .negotiation import Agreement, Channel, ExportInfo, Negotiation, RemoteProtocolError, TlsMode, negotiate
 from .store import split_snapshot_name
-from .streams import ClientDisconnected, Receiver
-from .transmission import Transmission
+from .streams import ClientDisconnected
+from .tls import TlsHandshakeError, TlsStream
+from .transmission import Counters, Transmission
 from .volume import RETRY_TIME_LIMIT, VolumeBridge, VolumeClient
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to reach transmission
 DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get at shutdown
+CLOSE_TIMEOUT = 2.0  # seconds a closing connection gets to send its TLS close_notify
+ACCEPT_RETRY_DELAY = 0.1  # seconds between accepts while descriptors run out
+BACKLOG = 128
+SOCKET_MODE = 0o600  # Unix sockets: only the server's user may connect
+SD_LISTEN_FDS_START = 3  # systemd passes sockets from this descriptor on
+PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class ListenError(Exception):
@@ -89,11 +102,28 @@ async def open_exports(
             bridge.close()
 
 
+@attrs.frozen
+class Policy:
+    """What the operator allows, from the options of `pfnbd serve`."""
+
+    tls_mode: TlsMode = TlsMode.OFF
+    tls_context: ssl.SSLContext | None = None  # required unless tls_mode is OFF
+    max_connections: int | None = None  # None: no limit
+    handshake_timeout: float = HANDSHAKE_TIMEOUT  # covers the TLS handshake too
+
+    def __attrs_post_init__(self) -> None:
+        if self.tls_mode is not TlsMode.OFF and self.tls_context is None:
+            raise ValueError(f"TLS mode {self.tls_mode.value!r} needs a TLS context")
+
+
 @attrs.define(eq=False)
 class _Connection:
     number: int
-    peer: str
+    peer: dict[str, object]  # logfmt fields that say who the client is
+    channel: Channel
+    started: float = attrs.field(factory=trio.current_time)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    agreement: Agreement | None = None
     transmission: Transmission | None = None
 
     def stop(self) -> None:
@@ -102,14 +132,34 @@ class _Connection:
         else:
             self.transmission.shut_down()
 
+    @property
+    def export(self) -> str | None:
+        return None if self.agreement is None else self.agreement.export.name
+
+
+@attrs.define
+class _ExportTotals:
+    """Per-export counters of the connections that have ended."""
+
+    connections: int = 0
+    counters: dict[str, int] = attrs.Factory(lambda: attrs.asdict(Counters()))
+
+    def add(self, counters: Counters) -> None:
+        for key, value in attrs.asdict(counters).items():
+            self.counters[key] += value
+
 
 class Server:
-    def __init__(self, exports: Sequence[Export]) -> None:
+    def __init__(self, exports: Sequence[Export], policy: Policy = Policy()) -> None:
         self._exports = {export.info.name: export for export in exports}
         self._infos = [export.info for export in exports]
+        self._policy = policy
         self._connections: set[_Connection] = set()
         self._connections_changed = trio.lowlevel.ParkingLot()
         self._numbers = itertools.count(1)
+        self._totals = {name: _ExportTotals() for name in self._exports}
+        self._accepted = 0
+        self._refused = 0
 
     async def run(
         self,
@@ -136,68 +186,170 @@ class Server:
     async def _accept(self, listener: trio.abc.Listener, connections: trio.Nursery) -> None:
         async with listener:
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as error:
+                    # Out of descriptors or memory: the listener stays, and we retry.
+                    log.error("accept failed: %s", error.strerror or error)
+                    await trio.sleep(ACCEPT_RETRY_DELAY)
+                    continue
                 connections.start_soon(self.serve_connection, stream)
 
     async def serve_connection(self, stream: trio.abc.Stream) -> None:
         """One client from handshake to close; any trio stream will do (tests use memory streams)."""
-        connection = _Connection(next(self._numbers), _peer_name(stream))
+        connection = _Connection(next(self._numbers), _peer_fields(stream), Channel(stream))
+        limit = self._policy.max_connections
+        if limit is not None and len(self._connections) >= limit:
+            # As nbdkit's limit filter does: close at once, before the greeting.
+            self._refused += 1
+            await trio.aclose_forcefully(stream)
+            log.warning("%s", logfmt("connection", id=connection.number, **connection.peer,
+                                     end=f"refused: {limit} connections already open"))
+            return
+        self._accepted += 1
         self._connections.add(connection)
+        log.debug("%s", logfmt("accepted", id=connection.number, **connection.peer))
         outcome = "closed"
-        agreement = None
         try:
             with connection.scope:
-                receiver = Receiver(stream)
-                with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
-                    agreement = await negotiate(stream, receiver, Negotiation(self._infos))
-                if handshake.cancelled_caught:
-                    outcome = "handshake timed out"
-                elif agreement is not None:
-                    export = self._exports[agreement.export.name]
-                    connection.transmission = Transmission(
-                        stream, receiver, agreement, export.bridge, export.read_only
-                    )
-                    await connection.transmission.run()
+                outcome = await self._negotiate_and_serve(connection)
             if connection.scope.cancelled_caught:
                 outcome = "closed by server shutdown"
         # Errors from the handlers' nursery come wrapped in exception groups.
-        except* RemoteProtocolError as group:
+        except* (RemoteProtocolError, TlsHandshakeError) as group:
             outcome = f"dropped: {group.exceptions[0]}"
         except* ClientDisconnected as group:
             outcome = str(group.exceptions[0])
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
             outcome = f"connection lost: {group.exceptions[0] or 'broken pipe'}"
         finally:
-            await trio.aclose_forcefully(stream)
+            await _close(connection.channel.stream)
             self._connections.discard(connection)
             self._connections_changed.unpark_all()
-            log.info("%s", _summary(connection, agreement, outcome))
+            self._add_to_totals(connection)
+            log.info("%s", _summary(connection, outcome))
+
+    async def _negotiate_and_serve(self, connection: _Connection) -> str:
+        negotiation = Negotiation(self._infos, self._policy.tls_mode)
+        with trio.move_on_after(self._policy.handshake_timeout) as handshake:
+            connection.agreement = await negotiate(
+                connection.channel, negotiation, self._policy.tls_context
+            )
+        if handshake.cancelled_caught:
+            return "handshake timed out"
+        if connection.agreement is None:
+            return "closed in negotiation"
+        export = self._exports[connection.agreement.export.name]
+        channel = connection.channel
+        connection.transmission = Transmission(
+            channel.stream, channel.receiver, connection.agreement, export.bridge, export.read_only
+        )
+        await connection.transmission.run()
+        return "closed"
+
+    def _add_to_totals(self, connection: _Connection) -> None:
+        if connection.export is None:
+            return
+        totals = self._totals[connection.export]
+        totals.connections += 1
+        if connection.transmission is not None:
+            totals.add(connection.transmission.counters)
+
+    def stats(self) -> list[str]:
+        """`stats` log lines: the server's connections, then each export's counters."""
+        lines = [logfmt("stats", accepted=self._accepted, active=len(self._connections),
+                        refused=self._refused)]
+        for name, ended in self._totals.items():
+            totals = _ExportTotals(ended.connections, dict(ended.counters))
+            active = [c for c in self._connections if c.export == name]
+            for connection in active:
+                totals.connections += 1
+                if connection.transmission is not None:
+                    totals.add(connection.transmission.counters)
+            lines.append(logfmt("stats", export=name, connections=totals.connections,
+                                active=len(active), **totals.counters))
+        return lines
 
 
-def _summary(connection: _Connection, agreement, outcome: str) -> str:
-    parts = [f"connection {connection.number} from {connection.peer}: {outcome}"]
-    if agreement is not None:
-        parts.append(f"export={agreement.export.name!r}")
-        parts.append("extended" if agreement.extended_headers else "structured" if agreement.structured_replies else "simple")
-    if connection.transmission is not None:
-        c = connection.transmission.counters
-        parts.append(f"requests={c.requests} errors={c.errors} "
-                     f"read={c.bytes_read} written={c.bytes_written}")
+async def _close(stream: trio.abc.Stream) -> None:
+    """Closes gracefully (a TLS stream sends close_notify), never for long, even when
+    the connection was cancelled."""
+    with trio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the transport is closed all the same
+    if scope.cancelled_caught:
+        await trio.aclose_forcefully(stream)
+
+
+def logfmt(event: str, **fields: object) -> str:
+    """`event key=value ...`: values with spaces or quotes are quoted, None is left out."""
+    parts = [event]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        text = str(value)
+        if not text or any(c in text for c in ' "=\\'):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"{key}={text}")
     return " ".join(parts)
 
 
-def _peer_name(stream: trio.abc.Stream) -> str:
+def _summary(connection: _Connection, outcome: str) -> str:
+    fields: dict[str, object] = dict(id=connection.number, **connection.peer, export=connection.export)
+    stream = connection.channel.stream
+    if isinstance(stream, TlsStream):
+        fields.update(tls=stream.version, client_cert=stream.peer_subject)
+    if connection.agreement is not None:
+        fields["replies"] = _reply_kind(connection.agreement)
+        fields["contexts"] = ",".join(connection.agreement.meta_contexts.values()) or None
+    if connection.transmission is not None:
+        fields.update(attrs.asdict(connection.transmission.counters))
+    fields["seconds"] = f"{trio.current_time() - connection.started:.3f}"
+    fields["end"] = outcome
+    return logfmt("connection", **fields)
+
+
+def _reply_kind(agreement: Agreement) -> str:
+    if agreement.extended_headers:
+        return "extended"
+    return "structured" if agreement.structured_replies else "simple"
+
+
+def _peer_fields(stream: trio.abc.Stream) -> dict[str, object]:
+    """`client=HOST:PORT`, or for a Unix socket `client=unix` and the client's pid and uid."""
     sock = getattr(stream, "socket", None)
     if sock is None:
-        return "?"
-    if sock.family == stdlib_socket.AF_UNIX:
-        return "unix"
-    host, port = sock.getpeername()[:2]
+        return dict(client="?")
+    if sock.family != stdlib_socket.AF_UNIX:
+        return dict(client=address_name(sock.family, sock.getpeername()))
+    try:
+        credentials = sock.getsockopt(
+            stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, PEER_CREDENTIALS.size
+        )
+    except OSError:
+        return dict(client="unix")
+    pid, uid, _ = PEER_CREDENTIALS.unpack(credentials)
+    return dict(client="unix", pid=pid, uid=uid)
+
+
+def address_name(family: int, address) -> str:
+    """How logs show a socket address: `unix:PATH`, `HOST:PORT` or `[HOST]:PORT`."""
+    if family == stdlib_socket.AF_UNIX:
+        return f"unix:{address}"
+    host, port = address[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def open_unix_listener(path: Path) -> trio.SocketListener:
-    """Listens on a Unix socket; a stale socket file left by a crash is replaced."""
+def listener_name(listener: trio.SocketListener) -> str:
+    sock = listener.socket
+    return address_name(sock.family, sock.getsockname())
+
+
+async def open_unix_listener(path: Path, mode: int = SOCKET_MODE) -> trio.SocketListener:
+    """Listens on a Unix socket with permissions `mode` whatever the umask; a stale
+    socket file left by a crash is replaced."""
     path = Path(path)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
@@ -213,21 +365,62 @@ async def open_unix_listener(path: Path) -> trio.SocketListener:
             raise ListenError(f"{path} is in use by another server")
         finally:
             probe.close()
-    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
-        await sock.bind(str(path))
-        sock.listen(128)
+        # Linux gives the socket file the mode of the socket itself, less the umask:
+        # set it before bind so the file is never more open than asked, then exactly.
+        os.fchmod(sock.fileno(), mode)
+        # bind and listen back to back, with no checkpoint between: a client that sees
+        # the file is refused only in the instant between two system calls.
+        sock.bind(str(path))
+        try:
+            sock.listen(BACKLOG)
+            os.chmod(path, mode)
+        except OSError:
+            remove_socket(path)
+            raise
     except OSError as error:
         sock.close()
         raise ListenError(f"cannot listen on {path}: {error.strerror}") from None
-    return trio.SocketListener(sock)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
-async def open_tcp_listeners(port: int, host: str | None) -> list[trio.SocketListener]:
+async def open_tcp_listeners(port: int, host: str) -> list[trio.SocketListener]:
+    """Listens on every address `host` resolves to (IPv4 or IPv6); port 0 picks a free one."""
     try:
-        return await trio.open_tcp_listeners(port, host=host)
+        return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
     except OSError as error:
-        raise ListenError(f"cannot listen on {host or '*'}:{port}: {error.strerror}") from None
+        where = address_name(stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET,
+                             (host, port))
+        raise ListenError(f"cannot listen on {where}: {error.strerror or error}") from None
+
+
+def systemd_listeners() -> list[trio.SocketListener] | None:
+    """The listening sockets systemd passed us (socket activation), or None.
+
+    As sd_listen_fds(3): LISTEN_FDS sockets from descriptor 3 on, meant for us only if
+    LISTEN_PID is our pid.  The variables are removed so no child inherits them.
+    """
+    count, pid = os.environ.get("LISTEN_FDS"), os.environ.get("LISTEN_PID")
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count is None or pid != str(os.getpid()):
+        return None
+    if not count.isdigit() or int(count) == 0:
+        raise ListenError(f"LISTEN_FDS={count!r} passes no socket")
+    listeners = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        try:
+            sock = stdlib_socket.socket(fileno=fd)
+        except OSError as error:
+            raise ListenError(f"descriptor {fd} from systemd: {error.strerror}") from None
+        if sock.type != stdlib_socket.SOCK_STREAM or not sock.getsockopt(
+            stdlib_socket.SOL_SOCKET, stdlib_socket.SO_ACCEPTCONN
+        ):
+            raise ListenError(f"descriptor {fd} from systemd is not a listening stream socket")
+        os.set_inheritable(fd, False)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+    return listeners
 
 
 def remove_socket(path: Path) -> None:

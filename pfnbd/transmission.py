@@ -238,6 +238,7 @@ class Transmission:
         extended = self._agreement.extended_headers
         while True:
             request = Request.parse(await self._receiver.receive_exactly(self._header), extended)
+            log.debug("request %s", request)
             if request.command == p.Command.DISC:
                 return
             while self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
