@@ -13,7 +13,7 @@ a copy slower.
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import trio
 
@@ -23,6 +23,7 @@ RECEIVE_CHUNK = 256 * 1024
 # Payload remainders above this are received straight into the payload's own buffer.
 DIRECT_RECEIVE_THRESHOLD = 64 * 1024
 IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
+COALESCE_LIMIT = 256 * 1024  # bytes joined into one send on streams without sendmsg
 
 Buffer = bytes | bytearray | memoryview
 
@@ -125,9 +126,9 @@ class Sender:
         self._socket = _socket_of(stream)
 
     async def send(self, buffers: Sequence[Buffer]) -> None:
-        if self._socket is None:
-            for buffer in buffers:
-                await self._stream.send_all(buffer)
+        if self._socket is None:  # TLS, or a test's stream: one send_all per run of small buffers
+            for run in _runs(buffers, COALESCE_LIMIT):
+                await self._stream.send_all(run[0] if len(run) == 1 else b"".join(run))
             return
         pending = list(buffers)
         while pending:
@@ -147,3 +148,17 @@ def _drop_sent(buffers: list[Buffer], sent: int) -> list[Buffer]:
             return rest
         sent -= len(buffer)
     return []
+
+
+def _runs(buffers: Sequence[Buffer], limit: int) -> Iterator[list[Buffer]]:
+    """Consecutive buffers in runs of at most `limit` bytes (a bigger buffer on its own)."""
+    run: list[Buffer] = []
+    size = 0
+    for buffer in buffers:
+        if run and size + len(buffer) > limit:
+            yield run
+            run, size = [], 0
+        run.append(buffer)
+        size += len(buffer)
+    if run:
+        yield run
