@@ -22,12 +22,15 @@ from . import protocol as p
 from .negotiation import Agreement, RemoteProtocolError
 from .streams import Buffer, ClientDisconnected, Receiver, Sender
 from .store import Extent
-from .volume import VolumeBridge, VolumeIOError
+from .volume import CACHE_CHUNK, VolumeBridge, VolumeIOError
 
 log = logging.getLogger(__name__)
 
 MAX_REQUESTS_IN_FLIGHT = 64
-MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # payload and read buffers, per connection
+# Payload and read buffers, per connection: one request of the largest size, or many
+# smaller ones.  Never shared between connections: one whose client stalls mid-request
+# would hold up the others (a client polling its connections in turn would deadlock).
+MAX_BYTES_IN_FLIGHT = 32 * 1024 * 1024
 MAX_EXTENTS = 1 << 16
 MAX_ERROR_MESSAGE = 200  # QEMU drops a connection on chunks over 1000 bytes
 
@@ -295,6 +298,8 @@ class Transmission:
     def _read_size(self, request: Request) -> int:
         if request.command == p.Command.READ and request.length <= self._max_payload:
             return request.length
+        if request.command == p.Command.CACHE:
+            return min(request.length, CACHE_CHUNK)
         return 0
 
     def _started(self, request: Request, payload: tuple[memoryview, int]) -> bool:

@@ -405,6 +405,7 @@ def _overlap(spans: Iterable[tuple[int, int]], span: tuple[int, int]) -> bool:
 
 
 ZEROES = memoryview(bytes(PF_MAX_IO_SIZE))
+CACHE_CHUNK = 64 * PF_MAX_IO_SIZE  # a CACHE request reads this much at a time
 EAGAIN_FIRST_DELAY = 50e-6
 EAGAIN_MAX_DELAY = 10e-3
 DISCARD_CHUNK = 1 << 30
@@ -605,8 +606,8 @@ class VolumeBridge:
 
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch: read the range and drop it, a chunk at a time."""
-        for start in range(offset, offset + length, PF_MAX_IO_SIZE * 64):
-            await self.read(start, min(PF_MAX_IO_SIZE * 64, offset + length - start))
+        for start in range(offset, offset + length, CACHE_CHUNK):
+            await self.read(start, min(CACHE_CHUNK, offset + length - start))
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         return self.backend.allocation(offset, length)
