@@ -137,8 +137,8 @@ class Negotiation:
     def receive_client_flags(self, data: bytes) -> None:
         self._expect(State.AWAIT_CLIENT_FLAGS)
         flags = p.client_flags.parse(data).flags
-        known = p.ClientFlags.FIXED_NEWSTYLE | p.ClientFlags.NO_ZEROES
-        if flags & ~known:
+        known = int(p.ClientFlags.FIXED_NEWSTYLE | p.ClientFlags.NO_ZEROES)
+        if flags & ~known:  # on plain ints: ~ of an IntFlag keeps only its defined bits
             raise RemoteProtocolError(f"unknown client flags {flags:#x}")
         if not flags & p.ClientFlags.FIXED_NEWSTYLE:
             # Plain newstyle would need EXPORT_NAME-only haggling; every client we
@@ -147,11 +147,14 @@ class Negotiation:
         self.no_zeroes = bool(flags & p.ClientFlags.NO_ZEROES)
         self.state = State.OPTIONS
 
-    def receive_option(self, option: int, data: bytes) -> OptionOutcome:
+    def _begin_option(self) -> None:
         self._expect(State.OPTIONS)
         self.options_seen += 1
         if self.options_seen > MAX_OPTIONS:
             raise RemoteProtocolError(f"more than {MAX_OPTIONS} options")
+
+    def receive_option(self, option: int, data: bytes) -> OptionOutcome:
+        self._begin_option()
         handler = self._handlers.get(option)
         if self._tls_required(option):
             outcome = self._refuse_before_tls(option)
@@ -170,7 +173,14 @@ class Negotiation:
         return outcome
 
     def receive_oversized_option(self, option: int) -> OptionOutcome:
-        """The client announced more option data than we accept; it was discarded."""
+        """The client announced more option data than we accept; it was discarded.
+
+        Only an option we implement is "too big": an unknown one is unsupported
+        whatever its length, and ABORT is acknowledged, its data ignored.
+        """
+        if option == p.Option.ABORT or option not in self._handlers:
+            return self.receive_option(option, b"")
+        self._begin_option()
         if self._tls_required(option):
             return self._refuse_before_tls(option)
         return OptionOutcome(
@@ -250,7 +260,7 @@ class Negotiation:
         export = self._lookup(request.name)
         if export is None:
             return OptionOutcome(
-                [option_error(option, p.OptionReply.ERR_UNKNOWN, f"no export named {request.name!r}")]
+                [option_error(option, p.OptionReply.ERR_UNKNOWN, f"no export named {_quoted(request.name)}")]
             )
         infos = [dict(type=p.Info.EXPORT, info=dict(size=export.size, flags=self._flags(export)))]
         sizes = export.block_sizes
@@ -302,7 +312,7 @@ class Negotiation:
         export = self._lookup(request.name)
         if export is None:
             return OptionOutcome(
-                [option_error(option, p.OptionReply.ERR_UNKNOWN, f"no export named {request.name!r}")]
+                [option_error(option, p.OptionReply.ERR_UNKNOWN, f"no export named {_quoted(request.name)}")]
             )
         if request.queries:
             matched = {name for query in request.queries for name in _matching_contexts(query, setting)}
@@ -356,6 +366,11 @@ class Negotiation:
     @staticmethod
     def _invalid(option: int, message: str) -> OptionOutcome:
         return OptionOutcome([option_error(option, p.OptionReply.ERR_INVALID, message)])
+
+
+def _quoted(name: str) -> str:
+    """A client's name in an error message: strings on the wire stay under 4096 bytes."""
+    return repr(name) if len(name) <= 64 else repr(name[:64]) + "..."
 
 
 def _matching_contexts(query: str, setting: bool) -> list[str]:

@@ -323,7 +323,10 @@ def _peer_fields(stream: trio.abc.Stream) -> dict[str, object]:
     if sock is None:
         return dict(client="?")
     if sock.family != stdlib_socket.AF_UNIX:
-        return dict(client=address_name(sock.family, sock.getpeername()))
+        try:
+            return dict(client=address_name(sock.family, sock.getpeername()))
+        except OSError:  # the client reset the connection already
+            return dict(client="?")
     try:
         credentials = sock.getsockopt(
             stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, PEER_CREDENTIALS.size

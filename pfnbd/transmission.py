@@ -388,7 +388,9 @@ class Transmission:
             raise RequestError(p.Errno.EINVAL, f"unknown command {request.command}") from None
         if self._agreement.extended_headers and command == p.Command.WRITE:
             allowed |= p.CommandFlags.PAYLOAD_LEN
-        if request.flags & ~allowed:
+        if self._agreement.export.flags & p.TransmissionFlags.SEND_FUA:
+            allowed |= p.CommandFlags.FUA  # valid on every command once advertised
+        if request.flags & ~int(allowed):  # on plain ints: ~ of an IntFlag keeps only its defined bits
             raise RequestError(p.Errno.EINVAL, f"flags {request.flags:#x} are invalid for {command.name}")
         if request.flags & p.CommandFlags.DF and not self._replies.structured:
             raise RequestError(p.Errno.EINVAL, "DF needs structured replies")
