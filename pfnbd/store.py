@@ -336,10 +336,34 @@ class Store:
             return HeadImage(self, meta)
         return SnapshotImage(self, meta, snapshot.name)
 
-    def read_meta_if_changed(self, name: str, stamp: tuple | None) -> tuple[tuple, VolumeMeta | None]:
-        st = os.stat(self._meta_path(name))
-        current = (st.st_ino, st.st_mtime_ns, st.st_size)
-        return current, (self.get(name) if current != stamp else None)
+
+
+class _MetaWatch:
+    """Tells when a volume's metadata has changed, cheaply enough to ask on every write.
+
+    The metadata file is only ever replaced whole (written aside, renamed over it),
+    so the file last read is kept open: once replaced it has no name left, which an
+    `fstat` sees without resolving any path."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    def changed(self) -> VolumeMeta | None:
+        """The metadata if it changed since the last call (the first call: always)."""
+        if self._fd is not None and os.fstat(self._fd).st_nlink:
+            return None
+        with open(self._path, "rb") as file:
+            meta = VolumeMeta.from_json(json.loads(file.read()))
+            fd = os.dup(file.fileno())
+        self.close()
+        self._fd = fd
+        return meta
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _SnapshotFiles:
@@ -400,8 +424,10 @@ class _Image:
         self._head = os.open(store.image_path(meta.name), mode)
         self._own = os.open(path, os.O_RDONLY)
         fcntl.flock(self._own, fcntl.LOCK_SH)  # `delete` refuses a served image
+        self._meta = _MetaWatch(store._meta_path(meta.name))
 
     def close(self) -> None:
+        self._meta.close()
         os.close(self._head)
         os.close(self._own)
 
@@ -420,14 +446,13 @@ class HeadImage(_Image):
             raise VolumeBusy(f"volume {meta.name!r} is already served by another process") from None
         super().__init__(store, meta, store.image_path(meta.name), os.O_RDWR)
         self._barrier = os.open(store._barrier_path(meta.name), os.O_RDWR | os.O_CREAT, 0o644)
-        self._stamp: tuple | None = None
         self._newest: _SnapshotFiles | None = None
         self._newest_map = bytearray()
         self._refresh()
 
     def _refresh(self) -> None:
         """Picks up snapshots taken or deleted since the last write (by any process)."""
-        self._stamp, meta = self._store.read_meta_if_changed(self.name, self._stamp)
+        meta = self._meta.changed()
         if meta is None:
             return
         newest = meta.snapshots[-1].name if meta.snapshots else None
@@ -506,13 +531,12 @@ class SnapshotImage(_Image):
     def __init__(self, store: Store, meta: VolumeMeta, snapshot: str) -> None:
         super().__init__(store, meta, store.image_path(meta.name, snapshot), os.O_RDONLY)
         self.snapshot = snapshot
-        self._stamp: tuple | None = None
         self._files: dict[str, _SnapshotFiles] = {}
         self._layers: list[_SnapshotFiles] = []
 
     def _current_layers(self) -> list[_SnapshotFiles]:
         """This snapshot and every newer one, oldest first, as the metadata says now."""
-        self._stamp, meta = self._store.read_meta_if_changed(self.name, self._stamp)
+        meta = self._meta.changed()
         if meta is not None:
             names = [s.name for s in meta.snapshots[meta.snapshot_index(self.snapshot):]]
             for gone in set(self._files) - set(names):

@@ -1,15 +1,18 @@
-"""The transmission phase: one reader, concurrent handlers, one reply writer.
+"""The transmission phase: one reader, requests executed concurrently, one reply writer.
 
-One task reads requests (and their payloads) in order.  Each request then runs in
-its own task in the connection's nursery, bounded in number and in buffered bytes,
-and its reply goes out when it completes: replies leave in completion order, each
-one whole under the writer's lock, never interleaved with another.
+One task reads requests (and their payloads) in order.  A READ or WRITE that the
+volume does in one submit starts right there and its reply is made by the
+completion's callback; any other request runs in its own task in the connection's
+nursery.  Requests in flight are bounded in number and in buffered bytes.  Replies
+queue in completion order, and one writer task sends all that have queued with one
+`sendmsg`: each reply whole, never interleaved with another.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+from collections import deque
 from collections.abc import Sequence
 
 import attrs
@@ -17,18 +20,19 @@ import trio
 
 from . import protocol as p
 from .negotiation import Agreement, RemoteProtocolError
-from .streams import ClientDisconnected, Receiver
+from .streams import Buffer, ClientDisconnected, Receiver, Sender
 from .store import Extent
-from .volume import VolumeBridge, VolumeIOError
+from .volume import CACHE_CHUNK, VolumeBridge, VolumeIOError
 
 log = logging.getLogger(__name__)
 
 MAX_REQUESTS_IN_FLIGHT = 64
-MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # payload and read buffers, per connection
+# Payload and read buffers, per connection: one request of the largest size, or many
+# smaller ones.  Never shared between connections: one whose client stalls mid-request
+# would hold up the others (a client polling its connections in turn would deadlock).
+MAX_BYTES_IN_FLIGHT = 32 * 1024 * 1024
 MAX_EXTENTS = 1 << 16
 MAX_ERROR_MESSAGE = 200  # QEMU drops a connection on chunks over 1000 bytes
-
-Buffer = bytes | bytearray | memoryview
 
 # Flags each command accepts; any other flag is EINVAL.  PAYLOAD_LEN is handled
 # with the payload, before these checks.
@@ -43,6 +47,7 @@ ALLOWED_FLAGS = {
     p.Command.BLOCK_STATUS: p.CommandFlags.REQ_ONE,
 }
 MUTATING = {p.Command.WRITE, p.Command.TRIM, p.Command.WRITE_ZEROES}
+ONE_SUBMIT_COMMANDS = {p.Command.READ, p.Command.WRITE}  # candidates for the task-free path
 WITH_RANGE = {p.Command.READ, p.Command.WRITE, p.Command.TRIM, p.Command.CACHE,
               p.Command.WRITE_ZEROES, p.Command.BLOCK_STATUS}
 # Host errno -> NBD error; anything else is EIO.
@@ -72,14 +77,14 @@ class Request:
 
     @classmethod
     def parse(cls, header: bytes, extended: bool) -> Request:
-        schema, magic = (
-            (p.extended_request_compiled, p.EXTENDED_REQUEST_MAGIC) if extended
-            else (p.request_compiled, p.REQUEST_MAGIC)
+        layout, expected = (
+            (p.extended_request_layout, p.EXTENDED_REQUEST_MAGIC) if extended
+            else (p.request_layout, p.REQUEST_MAGIC)
         )
-        fields = schema.parse(header)
-        if fields.magic != magic:
-            raise RemoteProtocolError(f"bad request magic {fields.magic:#x}")
-        return cls(fields.flags, fields.type, fields.cookie, fields.offset, fields.length)
+        magic, flags, command, cookie, offset, length = layout.unpack(header)
+        if magic != expected:
+            raise RemoteProtocolError(f"bad request magic {magic:#x}")
+        return cls(flags, command, cookie, offset, length)
 
     @property
     def name(self) -> str:
@@ -114,7 +119,8 @@ class ByteBudget:
 
     def release(self, n: int) -> None:
         self._available += n
-        self._released.unpark_all()
+        if self._released:
+            self._released.unpark_all()
 
 
 class Replies:
@@ -130,32 +136,37 @@ class Replies:
 
     def _chunk(self, request: Request, chunk_type: p.ChunkType, payload: bytes,
                data: Buffer = b"") -> list[Buffer]:
-        fields = dict(flags=p.ReplyFlags.DONE, type=chunk_type, cookie=request.cookie,
-                      length=len(payload) + len(data))
+        length = len(payload) + len(data)
         if self.extended:
-            header = p.extended_chunk_header_compiled.build(dict(fields, offset=request.offset))
+            header = p.extended_chunk_header_layout.pack(
+                p.EXTENDED_REPLY_MAGIC, p.ReplyFlags.DONE, chunk_type, request.cookie, request.offset, length)
         else:
-            header = p.chunk_header_compiled.build(fields)
+            header = p.chunk_header_layout.pack(
+                p.STRUCTURED_REPLY_MAGIC, p.ReplyFlags.DONE, chunk_type, request.cookie, length)
         return [header + payload, data] if data else [header + payload]
+
+    @staticmethod
+    def _simple(request: Request, error: p.Errno) -> bytes:
+        return p.simple_reply_layout.pack(p.SIMPLE_REPLY_MAGIC, error, request.cookie)
 
     def done(self, request: Request) -> list[Buffer]:
         """Success without data."""
         if self.extended:  # simple replies are forbidden under extended headers
             return self._chunk(request, p.ChunkType.NONE, b"")
-        return [p.simple_reply_compiled.build(dict(error=p.Errno.OK, cookie=request.cookie))]
+        return [self._simple(request, p.Errno.OK)]
 
     def data(self, request: Request, data: Buffer) -> list[Buffer]:
         if not self.structured:
-            header = p.simple_reply_compiled.build(dict(error=p.Errno.OK, cookie=request.cookie))
+            header = self._simple(request, p.Errno.OK)
             return [header, data] if data else [header]
         if not data:
             return self._chunk(request, p.ChunkType.NONE, b"")
-        prefix = p.offset_data_prefix.build(dict(offset=request.offset))
+        prefix = p.offset_data_prefix_layout.pack(request.offset)
         return self._chunk(request, p.ChunkType.OFFSET_DATA, prefix, data)
 
     def error(self, request: Request, error: p.Errno, message: str) -> list[Buffer]:
         if not self.structured:
-            return [p.simple_reply_compiled.build(dict(error=error, cookie=request.cookie))]
+            return [self._simple(request, error)]
         payload = p.chunk_payloads[p.ChunkType.ERROR].build(
             dict(error=error, message=message[:MAX_ERROR_MESSAGE])
         )
@@ -178,31 +189,43 @@ class Transmission:
         bridge: VolumeBridge,
         read_only: bool,
     ) -> None:
-        self._stream = stream
-        self._send_lock = trio.Lock()
+        self._sender = Sender(stream)
         self._receiver = receiver
         self._agreement = agreement
         self._bridge = bridge
         self._read_only = read_only
         self._replies = Replies(agreement.structured_replies, agreement.extended_headers)
         self._header = (p.extended_request if agreement.extended_headers else p.request).sizeof()
-        self._slots = trio.Semaphore(MAX_REQUESTS_IN_FLIGHT)
         self._budget = ByteBudget(MAX_BYTES_IN_FLIGHT)
         self._max_payload = agreement.export.block_sizes.maximum
         self.counters = Counters()
         self.reading = trio.CancelScope()
         self._shutting_down = False
+        self._in_flight = 0  # requests read and not answered yet
+        self._answered = trio.lowlevel.ParkingLot()
+        self._outbox: deque[tuple[list[Buffer], int]] = deque()  # replies, and bytes each releases
+        self._outbox_filled = trio.lowlevel.ParkingLot()
+        self._handlers: trio.Nursery | None = None
+        self._ended = False
 
     async def run(self) -> None:
         """Returns after DISC once every request in flight has been answered."""
-        async with trio.open_nursery() as handlers:
-            with self.reading:
-                try:
-                    await self._read_requests(handlers)
-                except ClientDisconnected as eof:
-                    if eof.mid_message:
-                        raise
-                    # EOF between requests: answer what is in flight, as after DISC.
+        try:
+            async with trio.open_nursery() as nursery:
+                self._handlers = nursery
+                nursery.start_soon(self._write_replies)
+                with self.reading:
+                    try:
+                        await self._read_requests()
+                    except ClientDisconnected as eof:
+                        if eof.mid_message:
+                            raise
+                        # EOF between requests: answer what is in flight, as after DISC.
+                while self._in_flight:
+                    await self._answered.park()
+                nursery.cancel_scope.cancel()  # the writer, with nothing left to send
+        finally:
+            self._ended = True  # completions still to come have nobody to answer
 
     def shut_down(self) -> None:
         """Server shutdown: finish what is in flight, answer anything new with
@@ -211,17 +234,19 @@ class Transmission:
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
-        if self._shutting_down and self._slots.value == MAX_REQUESTS_IN_FLIGHT:
+        if self._shutting_down and not self._in_flight:
             self.reading.cancel()
 
-    async def _read_requests(self, handlers: trio.Nursery) -> None:
+    async def _read_requests(self) -> None:
         extended = self._agreement.extended_headers
         while True:
             request = Request.parse(await self._receiver.receive_exactly(self._header), extended)
             log.debug("request %s", request)
             if request.command == p.Command.DISC:
                 return
-            await self._slots.acquire()
+            while self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
+                await self._answered.park()
+            self._in_flight += 1
             try:
                 if self._shutting_down:
                     await self._receiver.discard(self._payload_length(request))
@@ -229,13 +254,11 @@ class Transmission:
                 else:
                     payload, refusal = await self._receive_payload(request)
             except BaseException:
-                self._release_slot()
+                self._in_flight -= 1
                 raise
-            handlers.start_soon(self._handle, request, payload, refusal)
-
-    def _release_slot(self) -> None:
-        self._slots.release()
-        self._close_if_idle()
+            if refusal is None and self._started(request, payload):
+                continue
+            self._handlers.start_soon(self._handle, request, payload, refusal)
 
     def _payload_length(self, request: Request) -> int:
         # The spec has WRITE set PAYLOAD_LEN under extended headers, but QEMU 10's
@@ -275,29 +298,81 @@ class Transmission:
     def _read_size(self, request: Request) -> int:
         if request.command == p.Command.READ and request.length <= self._max_payload:
             return request.length
+        if request.command == p.Command.CACHE:
+            return min(request.length, CACHE_CHUNK)
         return 0
+
+    def _started(self, request: Request, payload: tuple[memoryview, int]) -> bool:
+        """Starts a READ or WRITE the volume does in one submit, with no task of its
+        own: its reply is made when it completes.  False when it needs a task."""
+        if request.command not in ONE_SUBMIT_COMMANDS or request.flags & p.CommandFlags.FUA:
+            return False
+        try:
+            self._check(request)
+        except RequestError:
+            return False  # refused by the task, like any other
+        is_write = request.command == p.Command.WRITE
+        data = payload[0] if is_write else memoryview(bytearray(request.length))
+        return self._bridge.start_transfer(
+            request.offset, data, is_write, lambda status: self._transferred(request, payload, data, status)
+        )
+
+    def _transferred(self, request: Request, payload: tuple[memoryview, int], data: memoryview,
+                     status: int) -> None:
+        """The completion of a request `_started`, in trio."""
+        if self._ended:
+            return
+        if status and self._bridge.retryable(status):
+            self._handlers.start_soon(self._handle, request, payload, None)  # retried there
+            return
+        self.counters.requests += 1
+        if status:
+            reply = self._volume_failed(request, VolumeIOError(status))
+        elif request.command == p.Command.READ:
+            self.counters.bytes_read += request.length
+            reply = self._replies.data(request, data)
+        else:
+            self.counters.bytes_written += request.length
+            reply = self._replies.done(request)
+        self._answer(reply, payload[1])
 
     async def _handle(self, request: Request, payload: tuple[memoryview, int] | None,
                       refusal: RequestError | None) -> None:
         self.counters.requests += 1
         data, reserved = payload or (memoryview(b""), 0)
         try:
-            try:
-                if refusal is not None:
-                    raise refusal
-                self._check(request)
-                reply = await self._execute(request, data)
-            except RequestError as error:
-                reply = self._refuse(request, error.error, str(error))
-            except VolumeIOError as error:
-                log.warning("%s at %d+%d failed: %s", request.name, request.offset, request.length, error)
-                reply = self._refuse(request, NBD_ERRORS.get(error.errno, p.Errno.EIO), str(error))
-            async with self._send_lock:  # a reply leaves whole, never interleaved
-                for buffer in reply:
-                    await self._stream.send_all(buffer)
-        finally:
-            self._budget.release(reserved)
-            self._release_slot()
+            if refusal is not None:
+                raise refusal
+            self._check(request)
+            reply = await self._execute(request, data)
+        except RequestError as error:
+            reply = self._refuse(request, error.error, str(error))
+        except VolumeIOError as error:
+            reply = self._volume_failed(request, error)
+        self._answer(reply, reserved)
+
+    def _answer(self, reply: list[Buffer], reserved: int) -> None:
+        self._outbox.append((reply, reserved))
+        if self._outbox_filled:
+            self._outbox_filled.unpark_all()
+
+    async def _write_replies(self) -> None:
+        """Sends whatever replies have queued, in one go, for as long as the connection lasts."""
+        while True:
+            while not self._outbox:
+                await self._outbox_filled.park()
+            replies, self._outbox = self._outbox, deque()
+            await self._sender.send([buffer for reply, _ in replies for buffer in reply])
+            for _, reserved in replies:
+                self._budget.release(reserved)
+            self._in_flight -= len(replies)
+            if self._answered:
+                self._answered.unpark_all()
+            self._close_if_idle()
+
+    def _volume_failed(self, request: Request, error: VolumeIOError) -> list[Buffer]:
+        log.warning("%s at %d+%d failed: %s", request.name, request.offset, request.length, error)
+        return self._refuse(request, NBD_ERRORS.get(error.errno, p.Errno.EIO), str(error))
 
     def _refuse(self, request: Request, error: p.Errno, message: str) -> list[Buffer]:
         self.counters.errors += 1

@@ -208,32 +208,49 @@ class EmulatedVolume:
     # -- vol_proc: the volume's own thread --------------------------------
 
     def _vol_proc(self) -> None:
-        # Completions held back by an injected delay, due time first: each I/O is
-        # late by the delay, but they overlap as a network's round trips would.
+        # It takes every I/O queued at once, executes them, then completes them: one
+        # burst of callbacks per batch, which the bridge carries into trio together.
+        # Completions held back by an injected delay wait in `delayed`, due time
+        # first: each I/O is late by the delay, but they overlap as a network's round
+        # trips would.
         delayed: list[tuple[float, int, _Io, int]] = []
         sequence = itertools.count()
-        while True:
+        closing = False
+        while not closing:
             timeout = max(0.0, delayed[0][0] - time.monotonic()) if delayed else None
-            try:
-                io = self._queue.get(timeout=timeout)
-            except queue.Empty:
+            finished = []
+            for io in self._take_queued(timeout):
+                if io is None:  # closing: nothing is submitted after this
+                    closing = True
+                    break
+                status = self._execute(io)
+                if self._faults.delay:
+                    heapq.heappush(delayed, (time.monotonic() + self._faults.delay, next(sequence), io, status))
+                else:
+                    finished.append((io, status))
+            now = time.monotonic()
+            while delayed and (closing or delayed[0][0] <= now):
                 _, _, io, status = heapq.heappop(delayed)
-                self._complete(io, status)
-                continue
-            if io is None:
-                break
-            status = self._execute(io)
-            if self._faults.delay:
-                heapq.heappush(delayed, (time.monotonic() + self._faults.delay, next(sequence), io, status))
-            else:
-                self._complete(io, status)
-        for _, _, io, status in sorted(delayed):  # closing: everything completes first
-            self._complete(io, status)
+                finished.append((io, status))
+            self._complete(finished)
 
-    def _complete(self, io: _Io, status: int) -> None:
+    def _take_queued(self, timeout: float | None) -> list[_Io | None]:
+        """Everything queued, waiting up to `timeout` for the first; [] if none came."""
+        try:
+            taken = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                taken.append(self._queue.get_nowait())
+            except queue.Empty:
+                return taken
+
+    def _complete(self, finished: list[tuple[_Io, int]]) -> None:
         with self._pool_lock:
-            self._in_flight -= 1
-        io.callback(io.cbk_arg, status)
+            self._in_flight -= len(finished)
+        for io, status in finished:
+            io.callback(io.cbk_arg, status)
 
     def _execute(self, io: _Io) -> int:
         if self._faults.error_rate and self._random.random() < self._faults.error_rate:
@@ -296,13 +313,30 @@ class _Batch:
             trio.lowlevel.reschedule(self.task)
 
 
+class _Callback:
+    """One submit whose completion calls `function(status)` in trio: no task waits on it.
+
+    A write's span in the bridge's `RangeLock` is shared until it completes."""
+
+    __slots__ = ("function", "mutations")
+
+    def __init__(self, function: Callable[[int], None], mutations: RangeLock | None = None) -> None:
+        self.function = function
+        self.mutations = mutations
+
+    def complete(self, index: int, status: int) -> None:
+        if self.mutations is not None:
+            self.mutations.unshare(self)
+        self.function(status)
+
+
 class _CompletionInbox:
     """Carries callbacks from the library's thread into trio, a batch per wake-up."""
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
         self._lock = threading.Lock()
-        self._pending: deque[tuple[tuple[_Batch, int], int]] = deque()
+        self._pending: deque[tuple[tuple[_Batch | _Callback, int], int]] = deque()
 
     def callback(self, cbk_arg: object, status: int) -> None:  # runs on the library's thread
         with self._lock:
@@ -322,18 +356,28 @@ class RangeLock:
     """Serialises mutations whose sector-aligned spans overlap.
 
     A write that is not sector-aligned is a read-modify-write of its edge sectors; any
-    other mutation of those sectors in between would be lost, so they wait.
+    other mutation of those sectors in between would be lost, so they wait (`hold`).
+    A write of whole sectors in one submit loses nobody's data and is lost by nobody
+    but such a read-modify-write: it only shares its span (`try_share`), which keeps
+    out, and stays out of, the held spans and those waiting to be held.
     """
 
     def __init__(self) -> None:
         self._held: list[tuple[int, int]] = []
+        self._waiting: list[tuple[int, int]] = []
+        self._shared: dict[object, tuple[int, int]] = {}  # owner -> span
         self._released = trio.lowlevel.ParkingLot()
 
     @asynccontextmanager
     async def hold(self, start: int, end: int):
-        while any(s < end and start < e for s, e in self._held):
-            await self._released.park()
         span = (start, end)
+        if _overlap(self._held, span) or _overlap(self._shared.values(), span):
+            self._waiting.append(span)
+            try:
+                while _overlap(self._held, span) or _overlap(self._shared.values(), span):
+                    await self._released.park()
+            finally:
+                self._waiting.remove(span)
         self._held.append(span)
         try:
             yield
@@ -341,8 +385,27 @@ class RangeLock:
             self._held.remove(span)
             self._released.unpark_all()
 
+    def try_share(self, owner: object, start: int, end: int) -> bool:
+        """Shares [start, end) under `owner` unless it is held or waited for."""
+        span = (start, end)
+        if _overlap(self._held, span) or _overlap(self._waiting, span):
+            return False
+        self._shared[owner] = span
+        return True
+
+    def unshare(self, owner: object) -> None:
+        del self._shared[owner]
+        if self._released:
+            self._released.unpark_all()
+
+
+def _overlap(spans: Iterable[tuple[int, int]], span: tuple[int, int]) -> bool:
+    start, end = span
+    return any(s < end and start < e for s, e in spans)
+
 
 ZEROES = memoryview(bytes(PF_MAX_IO_SIZE))
+CACHE_CHUNK = 64 * PF_MAX_IO_SIZE  # a CACHE request reads this much at a time
 EAGAIN_FIRST_DELAY = 50e-6
 EAGAIN_MAX_DELAY = 10e-3
 DISCARD_CHUNK = 1 << 30
@@ -405,7 +468,7 @@ class VolumeBridge:
         deadline = trio.current_time() + self.retry_time_limit
         while failures := await self._submit_round(submits, pending):
             status = next(iter(failures.values()))
-            if trio.current_time() >= deadline or any(s not in RETRYABLE for s in failures.values()):
+            if trio.current_time() >= deadline or not all(map(self.retryable, failures.values())):
                 raise VolumeIOError(status)
             log.debug("retrying %d of %d submits after status %#x", len(failures), len(submits), status)
             with trio.CancelScope(shield=True):  # a retried write must finish, as any other
@@ -448,6 +511,30 @@ class VolumeBridge:
                 start, min(DISCARD_CHUNK, offset + length - start), cb, arg)
             for start in range(offset, offset + length, DISCARD_CHUNK)
         ])
+
+    def start_transfer(self, offset: int, buffer: memoryview, is_write: bool,
+                       on_done: Callable[[int], None]) -> bool:
+        """Starts a transfer of whole sectors that fits one submit, with no task to park.
+
+        `on_done(status)` runs in trio once it completes: 0, or the status it failed
+        with (`retryable` says whether `read`/`write` would have tried again).  False,
+        with nothing started, when only `read`/`write` can do it: not whole sectors,
+        longer than a submit, in conflict with a mutation, or refused at submit.
+        """
+        length = len(buffer)
+        if offset % SECTOR or length % SECTOR or not 0 < length <= PF_MAX_IO_SIZE:
+            return False
+        completion = _Callback(on_done, self._mutations if is_write else None)
+        if is_write and not self._mutations.try_share(completion, offset, offset + length):
+            return False
+        status = self.backend.iov_submit([buffer], length, offset, self._inbox.callback, (completion, 0), is_write)
+        if status and is_write:
+            self._mutations.unshare(completion)
+        return not status
+
+    @staticmethod
+    def retryable(status: int) -> bool:
+        return status in RETRYABLE
 
     # -- NBD-shaped operations --------------------------------------------
 
@@ -519,8 +606,8 @@ class VolumeBridge:
 
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch: read the range and drop it, a chunk at a time."""
-        for start in range(offset, offset + length, PF_MAX_IO_SIZE * 64):
-            await self.read(start, min(PF_MAX_IO_SIZE * 64, offset + length - start))
+        for start in range(offset, offset + length, CACHE_CHUNK):
+            await self.read(start, min(CACHE_CHUNK, offset + length - start))
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         return self.backend.allocation(offset, length)

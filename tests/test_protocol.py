@@ -1,4 +1,4 @@
-"""Every wire schema builds what it parses, and the compiled forms agree with the plain."""
+"""Every wire schema builds what it parses, and the struct forms agree with the schemas."""
 
 import construct
 import pytest
@@ -89,19 +89,38 @@ def test_export_name_reply_with_and_without_zeroes(value, padded):
     assert (parsed.size, parsed.flags) == (value["size"], value["flags"])
 
 
-@pytest.mark.parametrize("plain, compiled, values", [
-    (p.request, p.request_compiled, SCHEMAS["request"][1]),
-    (p.simple_reply, p.simple_reply_compiled, SCHEMAS["simple_reply"][1]),
-    (p.chunk_header, p.chunk_header_compiled, SCHEMAS["chunk_header"][1]),
-])
-def test_compiled_schemas_agree(plain, compiled, values):
+EXTENDED_REQUESTS = st.fixed_dictionaries(
+    {"magic": u32, "flags": u16, "type": u16, "cookie": u64, "offset": u64, "length": u64})
+EXTENDED_CHUNK_HEADERS = st.fixed_dictionaries(
+    {"flags": u16, "type": u16, "cookie": u64, "offset": u64, "length": u64})
+
+
+@pytest.mark.parametrize("schema, layout, values", [
+    (p.request, p.request_layout, SCHEMAS["request"][1]),
+    (p.extended_request, p.extended_request_layout, EXTENDED_REQUESTS),
+    (p.simple_reply, p.simple_reply_layout, SCHEMAS["simple_reply"][1]),
+    (p.chunk_header, p.chunk_header_layout, SCHEMAS["chunk_header"][1]),
+    (p.extended_chunk_header, p.extended_chunk_header_layout, EXTENDED_CHUNK_HEADERS),
+    (p.offset_data_prefix, p.offset_data_prefix_layout, st.fixed_dictionaries({"offset": u64})),
+], ids=lambda value: getattr(value, "format", None))
+def test_fixed_layouts_agree_with_their_schemas(schema, layout, values):
+    """The struct forms the per-request path uses: same bytes built, same fields parsed."""
+    names = [field.name for field in schema.subcons]
+
     @given(values)
     def check(value):
-        data = plain.build(value)
-        assert compiled.build(value) == data
-        assert compiled.parse(data) == plain.parse(data)
+        data = schema.build(value)
+        parsed = schema.parse(data)
+        fields = [parsed[name] for name in names]  # constants included, as built
+        assert layout.pack(*fields) == data
+        assert list(layout.unpack(data)) == fields
 
     check()
+
+
+def test_fixed_layout_refuses_schemas_it_cannot_represent():
+    with pytest.raises(TypeError):
+        p.fixed_layout(p.info_request)
 
 
 def test_wire_sizes_match_the_spec():
