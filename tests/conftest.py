@@ -3,6 +3,7 @@ directory per test, clients talking to it over a Unix socket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trio
+
+from pfnbd import server as pfnbd_server
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3-libnbd imports only here
 
@@ -151,3 +155,18 @@ def run(*args: str, timeout: float = 120, check: bool = True, **kwargs) -> subpr
 def run_libnbd(script: str, *args: str, timeout: float = 120) -> str:
     """Runs a Python script that imports `nbd` under Debian's python3 and returns stdout."""
     return run(SYSTEM_PYTHON, "-c", script, *args, timeout=timeout).stdout
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(client, names: list[str], describe, socket: Path):
+    """What `pfnbd serve` does, in this process: open the exports, listen, serve."""
+    specs = [pfnbd_server.ExportSpec(name, describe(name)) for name in names]
+    async with pfnbd_server.open_exports(client, specs, read_only=False) as exports:
+        listener = await pfnbd_server.open_unix_listener(socket)
+        shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pfnbd_server.Server(exports).run, [listener], shutdown)
+            try:
+                yield
+            finally:
+                shutdown.set()

@@ -14,14 +14,12 @@ import errno
 import json
 import random
 import subprocess
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from conftest import SYSTEM_PYTHON, pfnbd_command, run
-from pfnbd.server import ExportSpec, Server, open_exports, open_unix_listener
+from conftest import SYSTEM_PYTHON, pfnbd_command, run, serve_in_process
 from pfnbd.store import Store
 from pfnbd.volume import EmulatedClient, Faults
 from test_cli import assert_fails_with_one_line
@@ -237,21 +235,6 @@ def test_fault_options_refuse_bad_values(cli, tmp_path, option, value):
 # --- the Python API ---------------------------------------------------------------
 
 
-@asynccontextmanager
-async def serving(client: EmulatedClient, socket: Path):
-    """`pfnbd serve --volume test_v1` in this process, on the given client."""
-    specs = [ExportSpec("test_v1", client.store.describe("test_v1"))]
-    async with open_exports(client, specs, read_only=False) as exports:
-        listener = await open_unix_listener(socket)
-        shutdown = trio.Event()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(Server(exports).run, [listener], shutdown)
-            try:
-                yield
-            finally:
-                shutdown.set()
-
-
 def test_python_api_faults_with_a_seed_fail_the_same_writes_each_run(tmp_path):
     """`EmulatedClient(store, io_depth, Faults(...))`: with a seed, the same completions
     fail every run, so a client sending the same writes one at a time sees the same
@@ -269,7 +252,7 @@ print(json.dumps([write_all(h, [region])[0] for region in json.loads(sys.argv[2]
         socket = directory / "nbd.sock"
 
         async def session() -> str:
-            async with serving(client, socket):
+            async with serve_in_process(client, ["test_v1"], client.store.describe, socket):
                 with trio.fail_after(STEP_TIMEOUT):
                     done = await trio.run_process(
                         [SYSTEM_PYTHON, "-c", script, f"nbd+unix:///test_v1?socket={socket}",

@@ -16,16 +16,14 @@ import random
 import subprocess
 import threading
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
 import pytest
 import trio
 
-from conftest import Cli, require, run
+from conftest import Cli, require, run, serve_in_process
 from pfnbd.pureflash import LIBRARY_ENV, PfClientVolumeInfo, PureFlashClient, VolumeInfo
-from pfnbd.server import ExportSpec, Server, open_exports, open_unix_listener
 from pfnbd.store import Extent
 from pfnbd.volume import PF_MAX_IO_SIZE, S5_LIB_VER, VolumeBridge, VolumeOpenError
 
@@ -467,21 +465,6 @@ def expected_after_qemu_io() -> bytes:
     return bytes(model)
 
 
-@asynccontextmanager
-async def in_process_server(client: PureFlashClient, names: list[str], socket: Path):
-    """What `pfnbd serve` does, in this process: open the exports, listen, serve."""
-    specs = [ExportSpec(name, client.describe(name)) for name in names]
-    async with open_exports(client, specs, read_only=False) as exports:
-        listener = await open_unix_listener(socket)
-        shutdown = trio.Event()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(Server(exports).run, [listener], shutdown)
-            try:
-                yield
-            finally:
-                shutdown.set()
-
-
 def test_qemu_io_through_an_in_process_server(cluster, hooks, tmp_path):
     require("qemu-io", "nbdinfo")
     image = prepare_qemu_io_volume(cluster)
@@ -490,7 +473,7 @@ def test_qemu_io_through_an_in_process_server(cluster, hooks, tmp_path):
     head, snapshot = (f"nbd+unix:///{name}?socket={socket}" for name in ("test_v1", "test_v1@snap1"))
 
     async def session():
-        async with in_process_server(client, ["test_v1", "test_v1@snap1"], socket):
+        async with serve_in_process(client, ["test_v1", "test_v1@snap1"], client.describe, socket):
             async def tool(*args: str) -> subprocess.CompletedProcess[str]:
                 with trio.fail_after(STEP_TIMEOUT):
                     done = await trio.run_process(args, capture_stdout=True, capture_stderr=True,
