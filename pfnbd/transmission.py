@@ -198,6 +198,7 @@ class Transmission:
         self._header = (p.extended_request if agreement.extended_headers else p.request).sizeof()
         self._budget = ByteBudget(MAX_BYTES_IN_FLIGHT)
         self._max_payload = agreement.export.block_sizes.maximum
+        self._allowed_flags = allowed_flags(agreement)
         self.counters = Counters()
         self.reading = trio.CancelScope()
         self._shutting_down = False
@@ -381,17 +382,12 @@ class Transmission:
 
     def _check(self, request: Request) -> None:
         """Refuses what the spec says to refuse, before anything is executed."""
-        try:
-            command = p.Command(request.command)
-            allowed = ALLOWED_FLAGS[command]
-        except (ValueError, KeyError):
-            raise RequestError(p.Errno.EINVAL, f"unknown command {request.command}") from None
-        if self._agreement.extended_headers and command == p.Command.WRITE:
-            allowed |= p.CommandFlags.PAYLOAD_LEN
-        if self._agreement.export.flags & p.TransmissionFlags.SEND_FUA:
-            allowed |= p.CommandFlags.FUA  # valid on every command once advertised
-        if request.flags & ~int(allowed):  # on plain ints: ~ of an IntFlag keeps only its defined bits
-            raise RequestError(p.Errno.EINVAL, f"flags {request.flags:#x} are invalid for {command.name}")
+        command = request.command  # a plain int: enum lookups cost on every request
+        allowed = self._allowed_flags.get(command)
+        if allowed is None:
+            raise RequestError(p.Errno.EINVAL, f"unknown command {command}")
+        if request.flags & ~allowed:
+            raise RequestError(p.Errno.EINVAL, f"flags {request.flags:#x} are invalid for {request.name}")
         if request.flags & p.CommandFlags.DF and not self._replies.structured:
             raise RequestError(p.Errno.EINVAL, "DF needs structured replies")
         if command in MUTATING and self._read_only:
@@ -436,6 +432,21 @@ class Transmission:
                 (context_id,) = self._agreement.meta_contexts  # base:allocation is our only context
                 return self._replies.block_status(request, context_id, extents)
         return self._replies.done(request)
+
+
+def allowed_flags(agreement: Agreement) -> dict[int, int]:
+    """Command -> the flags it accepts on this connection, as plain ints.
+
+    (On plain ints `~` complements every bit; on an IntFlag only the defined ones.)
+    """
+    table = {}
+    for command, allowed in ALLOWED_FLAGS.items():
+        if agreement.extended_headers and command == p.Command.WRITE:
+            allowed |= p.CommandFlags.PAYLOAD_LEN
+        if agreement.export.flags & p.TransmissionFlags.SEND_FUA:
+            allowed |= p.CommandFlags.FUA  # valid on every command once advertised
+        table[int(command)] = int(allowed)
+    return table
 
 
 def block_status_extents(extents: Sequence[Extent], limit: int) -> list[dict]:
