@@ -426,6 +426,10 @@ class _Image:
         fcntl.flock(self._own, fcntl.LOCK_SH)  # `delete` refuses a served image
         self._meta = _MetaWatch(store._meta_path(meta.name))
 
+    def batch(self) -> contextlib.AbstractContextManager:
+        """Several I/Os as one for the barrier; only a writable head needs it."""
+        return contextlib.nullcontext()
+
     def close(self) -> None:
         self._meta.close()
         os.close(self._head)
@@ -448,6 +452,7 @@ class HeadImage(_Image):
         self._barrier = os.open(store._barrier_path(meta.name), os.O_RDWR | os.O_CREAT, 0o644)
         self._newest: _SnapshotFiles | None = None
         self._newest_map = bytearray()
+        self._batched = False
         self._refresh()
 
     def _refresh(self) -> None:
@@ -464,14 +469,22 @@ class HeadImage(_Image):
             self._newest_map = bytearray(self._newest.read_map(0, meta.chunks))
 
     @contextlib.contextmanager
-    def _writing(self, offset: int, length: int) -> Iterator[None]:
+    def batch(self) -> Iterator[None]:
+        """Holds off snapshot changes across several I/Os: one barrier lock for all."""
         fcntl.flock(self._barrier, fcntl.LOCK_SH)
         try:
             self._refresh()
-            self._preserve(offset, length)
+            self._batched = True
             yield
         finally:
+            self._batched = False
             fcntl.flock(self._barrier, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _writing(self, offset: int, length: int) -> Iterator[None]:
+        with contextlib.nullcontext() if self._batched else self.batch():
+            self._preserve(offset, length)
+            yield
 
     def _preserve(self, offset: int, length: int) -> None:
         snapshot = self._newest

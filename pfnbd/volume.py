@@ -219,15 +219,17 @@ class EmulatedVolume:
         while not closing:
             timeout = max(0.0, delayed[0][0] - time.monotonic()) if delayed else None
             finished = []
-            for io in self._take_queued(timeout):
-                if io is None:  # closing: nothing is submitted after this
-                    closing = True
-                    break
-                status = self._execute(io)
-                if self._faults.delay:
-                    heapq.heappush(delayed, (time.monotonic() + self._faults.delay, next(sequence), io, status))
-                else:
-                    finished.append((io, status))
+            taken = self._take_queued(timeout)  # never wait while holding the batch
+            with self._image.batch():
+                for io in taken:
+                    if io is None:  # closing: nothing is submitted after this
+                        closing = True
+                        break
+                    status = self._execute(io)
+                    if self._faults.delay:
+                        heapq.heappush(delayed, (time.monotonic() + self._faults.delay, next(sequence), io, status))
+                    else:
+                        finished.append((io, status))
             now = time.monotonic()
             while delayed and (closing or delayed[0][0] <= now):
                 _, _, io, status = heapq.heappop(delayed)
