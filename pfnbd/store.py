@@ -452,7 +452,8 @@ class HeadImage(_Image):
         self._barrier = os.open(store._barrier_path(meta.name), os.O_RDWR | os.O_CREAT, 0o644)
         self._newest: _SnapshotFiles | None = None
         self._newest_map = bytearray()
-        self._batched = False
+        self._batching = False
+        self._barrier_held = False
         self._refresh()
 
     def _refresh(self) -> None:
@@ -470,21 +471,36 @@ class HeadImage(_Image):
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Holds off snapshot changes across several I/Os: one barrier lock for all."""
-        fcntl.flock(self._barrier, fcntl.LOCK_SH)
+        """Several I/Os as one for the barrier: taken at the first write, held to the end.
+
+        Reads never take it, so a batch of reads costs no lock."""
+        self._batching = True
         try:
-            self._refresh()
-            self._batched = True
             yield
         finally:
-            self._batched = False
+            self._batching = False
+            self._release_barrier()
+
+    def _hold_barrier(self) -> None:
+        if not self._barrier_held:
+            fcntl.flock(self._barrier, fcntl.LOCK_SH)
+            self._barrier_held = True
+            self._refresh()
+
+    def _release_barrier(self) -> None:
+        if self._barrier_held:
+            self._barrier_held = False
             fcntl.flock(self._barrier, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _writing(self, offset: int, length: int) -> Iterator[None]:
-        with contextlib.nullcontext() if self._batched else self.batch():
+        self._hold_barrier()
+        try:
             self._preserve(offset, length)
             yield
+        finally:
+            if not self._batching:
+                self._release_barrier()
 
     def _preserve(self, offset: int, length: int) -> None:
         snapshot = self._newest
