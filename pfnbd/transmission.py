@@ -1,9 +1,10 @@
 """The transmission phase: one reader, requests executed concurrently, one reply writer.
 
-One task reads requests (and their payloads) in order.  A READ or WRITE that the
-volume does in one submit starts right there and its reply is made by the
-completion's callback; any other request runs in its own task in the connection's
-nursery.  Requests in flight are bounded in number and in buffered bytes.  Replies
+One task reads requests (and their payloads) in order.  A READ or WRITE of whole
+sectors starts right there and its reply is made by the callback of its last
+submit; any other request runs in its own task in the connection's nursery.
+Requests in flight are bounded in number and in buffered bytes, and their buffers
+are reused from one request to the next.  Replies
 queue in completion order, and one writer task sends all that have queued with one
 `sendmsg`: each reply whole, never interleaved with another.
 """
@@ -34,6 +35,10 @@ MAX_BYTES_IN_FLIGHT = 32 * 1024 * 1024
 MAX_EXTENTS = 1 << 16
 MAX_ERROR_MESSAGE = 200  # QEMU drops a connection on chunks over 1000 bytes
 
+Held = tuple[int, bytearray | None]  # bytes counted against a BufferPool, and their buffer
+NOTHING_HELD: Held = (0, None)
+Taken = tuple[memoryview, Held]  # a request's buffer (payload or destination), and its hold
+
 # Flags each command accepts; any other flag is EINVAL.  PAYLOAD_LEN is handled
 # with the payload, before these checks.
 ALLOWED_FLAGS = {
@@ -47,7 +52,8 @@ ALLOWED_FLAGS = {
     p.Command.BLOCK_STATUS: p.CommandFlags.REQ_ONE,
 }
 MUTATING = {p.Command.WRITE, p.Command.TRIM, p.Command.WRITE_ZEROES}
-ONE_SUBMIT_COMMANDS = {p.Command.READ, p.Command.WRITE}  # candidates for the task-free path
+DIRECT_COMMANDS = {p.Command.READ, p.Command.WRITE}  # candidates for the task-free path
+FUA = int(p.CommandFlags.FUA)  # a plain int: `int & IntFlag` builds a flag object
 WITH_RANGE = {p.Command.READ, p.Command.WRITE, p.Command.TRIM, p.Command.CACHE,
               p.Command.WRITE_ZEROES, p.Command.BLOCK_STATUS}
 # Host errno -> NBD error; anything else is EIO.
@@ -102,25 +108,54 @@ class Counters:
     bytes_written: int = 0
 
 
-class ByteBudget:
-    """Bounds the bytes a connection holds for requests in flight."""
+class BufferPool:
+    """The buffers of a connection's requests in flight: bounded, and reused.
+
+    At most `capacity` bytes are held, in use or kept for reuse.  A buffer comes back
+    once its reply has been sent and is kept for the next request of its size, so
+    steady traffic neither allocates nor faults in fresh memory; kept buffers are
+    dropped when a request needs their room.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._available = capacity
+        self._in_use = 0
+        self._kept: dict[int, list[bytearray]] = {}
+        self._kept_bytes = 0
         self._released = trio.lowlevel.ParkingLot()
 
-    async def acquire(self, n: int) -> int:
-        n = min(n, self.capacity)  # one request may use it all, never more
-        while self._available < n:
+    async def acquire(self, size: int, buffer: bool = True) -> Held:
+        """`size` bytes, with a buffer of them unless `buffer` is false (then only counted)."""
+        size = min(size, self.capacity)  # one request may use it all, never more
+        while self._in_use + size > self.capacity:
             await self._released.park()
-        self._available -= n
-        return n
+        self._in_use += size
+        if not buffer:
+            return size, None
+        kept = self._kept.get(size)
+        if kept:
+            self._kept_bytes -= size
+            return size, kept.pop()
+        self._drop_kept(self.capacity - self._in_use)
+        return size, bytearray(size)
 
-    def release(self, n: int) -> None:
-        self._available += n
+    def release(self, held: Held) -> None:
+        size, buffer = held
+        self._in_use -= size
+        if buffer is not None:
+            self._kept.setdefault(size, []).append(buffer)
+            self._kept_bytes += size
         if self._released:
             self._released.unpark_all()
+
+    def _drop_kept(self, room: int) -> None:
+        """Drops kept buffers until they fit in `room` bytes."""
+        while self._kept_bytes > room:
+            size, kept = next(iter(self._kept.items()))
+            kept.pop()
+            self._kept_bytes -= size
+            if not kept:
+                del self._kept[size]
 
 
 class Replies:
@@ -196,7 +231,7 @@ class Transmission:
         self._read_only = read_only
         self._replies = Replies(agreement.structured_replies, agreement.extended_headers)
         self._header = (p.extended_request if agreement.extended_headers else p.request).sizeof()
-        self._budget = ByteBudget(MAX_BYTES_IN_FLIGHT)
+        self._buffers = BufferPool(MAX_BYTES_IN_FLIGHT)
         self._max_payload = agreement.export.block_sizes.maximum
         self._allowed_flags = allowed_flags(agreement)
         self.counters = Counters()
@@ -204,7 +239,7 @@ class Transmission:
         self._shutting_down = False
         self._in_flight = 0  # requests read and not answered yet
         self._answered = trio.lowlevel.ParkingLot()
-        self._outbox: deque[tuple[list[Buffer], int]] = deque()  # replies, and bytes each releases
+        self._outbox: deque[tuple[list[Buffer], Held]] = deque()  # replies, and what each releases
         self._outbox_filled = trio.lowlevel.ParkingLot()
         self._handlers: trio.Nursery | None = None
         self._ended = False
@@ -251,15 +286,15 @@ class Transmission:
             try:
                 if self._shutting_down:
                     await self._receiver.discard(self._payload_length(request))
-                    payload, refusal = None, RequestError(p.Errno.ESHUTDOWN, "the server is shutting down")
+                    taken, refusal = None, RequestError(p.Errno.ESHUTDOWN, "the server is shutting down")
                 else:
-                    payload, refusal = await self._receive_payload(request)
+                    taken, refusal = await self._receive_payload(request)
             except BaseException:
                 self._in_flight -= 1
                 raise
-            if refusal is None and self._started(request, payload):
+            if refusal is None and self._started(request, taken):
                 continue
-            self._handlers.start_soon(self._handle, request, payload, refusal)
+            self._handlers.start_soon(self._handle, request, taken, refusal)
 
     def _payload_length(self, request: Request) -> int:
         # The spec has WRITE set PAYLOAD_LEN under extended headers, but QEMU 10's
@@ -270,8 +305,9 @@ class Transmission:
             return request.length
         return 0
 
-    async def _receive_payload(self, request: Request) -> tuple[tuple[memoryview, int] | None, RequestError | None]:
-        """The request's payload and the bytes reserved for it, or why it is refused.
+    async def _receive_payload(self, request: Request) -> tuple[Taken | None, RequestError | None]:
+        """The request's buffer (a WRITE's payload, received; a READ's destination)
+        and what it holds of the pool, or why the request is refused.
 
         A payload that will be refused is still consumed, so it is never parsed as
         the next header.
@@ -285,75 +321,76 @@ class Transmission:
         if length and request.command != p.Command.WRITE:
             await self._receiver.discard(length)
             return None, RequestError(p.Errno.EINVAL, f"{request.name} takes no payload")
-        reserved = await self._budget.acquire(length or self._read_size(request))
-        if request.command != p.Command.WRITE:
-            return (memoryview(b""), reserved), None
-        payload = memoryview(bytearray(length))
-        try:
-            await self._receiver.receive_into(payload)
-        except BaseException:
-            self._budget.release(reserved)
-            raise
-        return (payload, reserved), None
+        if request.command == p.Command.WRITE:
+            held = await self._buffers.acquire(length)
+        elif request.command == p.Command.READ and request.length <= self._max_payload:
+            # A read of partial sectors needs a bigger buffer: the bridge makes its own.
+            held = await self._buffers.acquire(
+                request.length, buffer=self._bridge.whole_sectors(request.offset, request.length))
+        else:  # only counted: CACHE reads through buffers of its own
+            held = await self._buffers.acquire(self._cache_size(request), buffer=False)
+        buffer = memoryview(held[1] if held[1] is not None else b"")
+        if request.command == p.Command.WRITE:
+            try:
+                await self._receiver.receive_into(buffer)
+            except BaseException:
+                self._buffers.release(held)
+                raise
+        return (buffer, held), None
 
-    def _read_size(self, request: Request) -> int:
-        if request.command == p.Command.READ and request.length <= self._max_payload:
-            return request.length
-        if request.command == p.Command.CACHE:
-            return min(request.length, CACHE_CHUNK)
-        return 0
+    @staticmethod
+    def _cache_size(request: Request) -> int:
+        return min(request.length, CACHE_CHUNK) if request.command == p.Command.CACHE else 0
 
-    def _started(self, request: Request, payload: tuple[memoryview, int]) -> bool:
-        """Starts a READ or WRITE the volume does in one submit, with no task of its
-        own: its reply is made when it completes.  False when it needs a task."""
-        if request.command not in ONE_SUBMIT_COMMANDS or request.flags & p.CommandFlags.FUA:
+    def _started(self, request: Request, taken: Taken) -> bool:
+        """Starts an aligned READ or WRITE with no task of its own: its reply is made
+        when its submits complete.  False when it needs a task."""
+        if request.command not in DIRECT_COMMANDS or request.flags & FUA:
             return False
         try:
             self._check(request)
         except RequestError:
             return False  # refused by the task, like any other
-        is_write = request.command == p.Command.WRITE
-        data = payload[0] if is_write else memoryview(bytearray(request.length))
+        buffer = taken[0]
         return self._bridge.start_transfer(
-            request.offset, data, is_write, lambda status: self._transferred(request, payload, data, status)
+            request.offset, buffer, request.command == p.Command.WRITE,
+            lambda status: self._transferred(request, taken, status),
         )
 
-    def _transferred(self, request: Request, payload: tuple[memoryview, int], data: memoryview,
-                     status: int) -> None:
+    def _transferred(self, request: Request, taken: Taken, status: int) -> None:
         """The completion of a request `_started`, in trio."""
         if self._ended:
             return
         if status and self._bridge.retryable(status):
-            self._handlers.start_soon(self._handle, request, payload, None)  # retried there
+            self._handlers.start_soon(self._handle, request, taken, None)  # retried there
             return
         self.counters.requests += 1
         if status:
             reply = self._volume_failed(request, VolumeIOError(status))
         elif request.command == p.Command.READ:
             self.counters.bytes_read += request.length
-            reply = self._replies.data(request, data)
+            reply = self._replies.data(request, taken[0])
         else:
             self.counters.bytes_written += request.length
             reply = self._replies.done(request)
-        self._answer(reply, payload[1])
+        self._answer(reply, taken[1])
 
-    async def _handle(self, request: Request, payload: tuple[memoryview, int] | None,
-                      refusal: RequestError | None) -> None:
+    async def _handle(self, request: Request, taken: Taken | None, refusal: RequestError | None) -> None:
         self.counters.requests += 1
-        data, reserved = payload or (memoryview(b""), 0)
+        buffer, held = taken or (memoryview(b""), NOTHING_HELD)
         try:
             if refusal is not None:
                 raise refusal
             self._check(request)
-            reply = await self._execute(request, data)
+            reply = await self._execute(request, buffer)
         except RequestError as error:
             reply = self._refuse(request, error.error, str(error))
         except VolumeIOError as error:
             reply = self._volume_failed(request, error)
-        self._answer(reply, reserved)
+        self._answer(reply, held)
 
-    def _answer(self, reply: list[Buffer], reserved: int) -> None:
-        self._outbox.append((reply, reserved))
+    def _answer(self, reply: list[Buffer], held: Held) -> None:
+        self._outbox.append((reply, held))
         if self._outbox_filled:
             self._outbox_filled.unpark_all()
 
@@ -364,8 +401,8 @@ class Transmission:
                 await self._outbox_filled.park()
             replies, self._outbox = self._outbox, deque()
             await self._sender.send([buffer for reply, _ in replies for buffer in reply])
-            for _, reserved in replies:
-                self._budget.release(reserved)
+            for _, held in replies:
+                self._buffers.release(held)
             self._in_flight -= len(replies)
             if self._answered:
                 self._answered.unpark_all()
@@ -403,17 +440,19 @@ class Transmission:
             if request.length == 0:
                 raise RequestError(p.Errno.EINVAL, "block status of zero bytes")
 
-    async def _execute(self, request: Request, payload: memoryview) -> list[Buffer]:
+    async def _execute(self, request: Request, buffer: memoryview) -> list[Buffer]:
+        """Executes a checked request; `buffer` is a WRITE's payload, or where a READ
+        of whole sectors lands (empty for any other)."""
         bridge, offset, length = self._bridge, request.offset, request.length
-        fua = bool(request.flags & p.CommandFlags.FUA)
+        fua = bool(request.flags & FUA)
         match request.command:
             case p.Command.READ:
-                data = await bridge.read(offset, length) if length else b""
+                data = await bridge.read(offset, length, buffer if len(buffer) else None) if length else b""
                 self.counters.bytes_read += length
                 return self._replies.data(request, data)
             case p.Command.WRITE:
                 if length:
-                    await bridge.write(offset, payload, fua)
+                    await bridge.write(offset, buffer, fua)
                 self.counters.bytes_written += length
             case p.Command.FLUSH:
                 await bridge.flush()

@@ -95,7 +95,7 @@ class _Io:
     kind: str  # "read", "write" or "discard"
     offset: int
     length: int
-    buffers: Sequence[memoryview] | bytes
+    buffers: Sequence[memoryview] | memoryview  # the caller's for a read, the library's own copy for a write
     callback: IoHandler
     cbk_arg: object
 
@@ -154,6 +154,9 @@ class EmulatedVolume:
         self.read_only = not image.writable
         self._pool_size = 2 * io_depth
         self._in_flight = 0
+        # The library's own copies of write data: one buffer per request of the pool,
+        # made when first needed and reused, as the real library's are.
+        self._data_buffers: list[bytearray] = []
         self._pool_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Io | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._vol_proc, name=f"vol_proc:{name}", daemon=True)
@@ -171,9 +174,16 @@ class EmulatedVolume:
             return -errno.EROFS
         if not self._take_slot():
             return -errno.EAGAIN
-        # Write data is the library's own copy from here on; reads land in `iov`.
-        buffers = b"".join(iov) if is_write else iov
-        self._queue.put(_Io("write" if is_write else "read", offset, length, buffers, callback, cbk_arg))
+        if not is_write:  # reads land in `iov`
+            self._queue.put(_Io("read", offset, length, iov, callback, cbk_arg))
+            return 0
+        # Write data is the library's own copy from here on.
+        data = memoryview(self._data_buffer())[:length]
+        position = 0
+        for piece in iov:
+            data[position : position + len(piece)] = piece
+            position += len(piece)
+        self._queue.put(_Io("write", offset, length, data, callback, cbk_arg))
         return 0
 
     def discard_submit(self, offset: int, length: int, callback: IoHandler, cbk_arg: object) -> int:
@@ -183,7 +193,7 @@ class EmulatedVolume:
             return -errno.EROFS
         if not self._take_slot():
             return -errno.EAGAIN
-        self._queue.put(_Io("discard", offset, length, b"", callback, cbk_arg))
+        self._queue.put(_Io("discard", offset, length, memoryview(b""), callback, cbk_arg))
         return 0
 
     def _take_slot(self) -> bool:
@@ -192,6 +202,10 @@ class EmulatedVolume:
                 return False
             self._in_flight += 1
             return True
+
+    def _data_buffer(self) -> bytearray:
+        with self._pool_lock:
+            return self._data_buffers.pop() if self._data_buffers else bytearray(PF_MAX_IO_SIZE)
 
     def allocation(self, offset: int, length: int) -> Iterator[Extent]:
         return self._image.extents(offset, length)
@@ -251,6 +265,7 @@ class EmulatedVolume:
     def _complete(self, finished: list[tuple[_Io, int]]) -> None:
         with self._pool_lock:
             self._in_flight -= len(finished)
+            self._data_buffers.extend(io.buffers.obj for io, _ in finished if io.kind == "write")
         for io, status in finished:
             io.callback(io.cbk_arg, status)
 
@@ -316,20 +331,28 @@ class _Batch:
 
 
 class _Callback:
-    """One submit whose completion calls `function(status)` in trio: no task waits on it.
+    """Submits whose completion calls `function(status)` in trio: no task waits on them.
 
-    A write's span in the bridge's `RangeLock` is shared until it completes."""
+    `status` is 0, or the first failure.  A write's span in the bridge's `RangeLock`
+    is shared until the last submit completes."""
 
-    __slots__ = ("function", "mutations")
+    __slots__ = ("function", "mutations", "outstanding", "status")
 
     def __init__(self, function: Callable[[int], None], mutations: RangeLock | None = None) -> None:
         self.function = function
         self.mutations = mutations
+        self.outstanding = 1  # the submitter's own hold, dropped once all are submitted
+        self.status = 0
 
     def complete(self, index: int, status: int) -> None:
+        if status and not self.status:
+            self.status = status
+        self.outstanding -= 1
+        if self.outstanding:
+            return
         if self.mutations is not None:
             self.mutations.unshare(self)
-        self.function(status)
+        self.function(self.status)
 
 
 class _CompletionInbox:
@@ -516,23 +539,40 @@ class VolumeBridge:
 
     def start_transfer(self, offset: int, buffer: memoryview, is_write: bool,
                        on_done: Callable[[int], None]) -> bool:
-        """Starts a transfer of whole sectors that fits one submit, with no task to park.
+        """Starts a transfer of whole sectors, 128 KiB a submit, with no task to park.
 
-        `on_done(status)` runs in trio once it completes: 0, or the status it failed
-        with (`retryable` says whether `read`/`write` would have tried again).  False,
-        with nothing started, when only `read`/`write` can do it: not whole sectors,
-        longer than a submit, in conflict with a mutation, or refused at submit.
+        `on_done(status)` runs in trio once every submit has completed: 0, or the
+        first status one failed with (`retryable` says whether `read`/`write` would
+        have tried again; a submit refused once others are in flight counts as such
+        a failure).  False, with nothing started, when only `read`/`write` can do it:
+        not whole sectors, in conflict with a mutation, or the first submit refused.
         """
         length = len(buffer)
-        if offset % SECTOR or length % SECTOR or not 0 < length <= PF_MAX_IO_SIZE:
+        if not (length and self.whole_sectors(offset, length)):
             return False
         completion = _Callback(on_done, self._mutations if is_write else None)
         if is_write and not self._mutations.try_share(completion, offset, offset + length):
             return False
-        status = self.backend.iov_submit([buffer], length, offset, self._inbox.callback, (completion, 0), is_write)
-        if status and is_write:
-            self._mutations.unshare(completion)
-        return not status
+        for start in range(0, length, PF_MAX_IO_SIZE):
+            piece = buffer[start : start + PF_MAX_IO_SIZE]
+            status = self.backend.iov_submit(
+                [piece], len(piece), offset + start, self._inbox.callback, (completion, 0), is_write)
+            if status:
+                if not start:
+                    if is_write:
+                        self._mutations.unshare(completion)
+                    return False
+                completion.status = status
+                break
+            completion.outstanding += 1
+        completion.complete(0, 0)
+        return True
+
+    @staticmethod
+    def whole_sectors(offset: int, length: int) -> bool:
+        """Whether a range needs no read-modify-write: `start_transfer` and `read`
+        with a buffer of its own take only such ranges."""
+        return not (offset % SECTOR or length % SECTOR)
 
     @staticmethod
     def retryable(status: int) -> bool:
@@ -540,7 +580,12 @@ class VolumeBridge:
 
     # -- NBD-shaped operations --------------------------------------------
 
-    async def read(self, offset: int, length: int) -> memoryview:
+    async def read(self, offset: int, length: int, into: memoryview | None = None) -> memoryview:
+        """The data, read into `into` if given (only for `whole_sectors`), else into
+        a buffer of its own."""
+        if into is not None:
+            await self._transfer(offset, [into], is_write=False)
+            return into
         start, end = align_down(offset), align_up(offset + length)
         buffer = memoryview(bytearray(end - start))
         await self._transfer(start, [buffer], is_write=False)

@@ -9,6 +9,7 @@ import trio.testing
 
 from conftest import run_libnbd
 from pfnbd.streams import Receiver, Sender, _drop_sent, _runs
+from pfnbd.transmission import BufferPool
 from pfnbd.volume import RangeLock
 
 MiB = 1 << 20
@@ -66,6 +67,7 @@ def test_sixteen_connections_of_32_mib_requests_stay_within_the_memory_bound(sta
     out = run_libnbd(SIXTEEN_CONNECTIONS, server.uri(), timeout=240)
     peak = peak_rss_mib(server.process.pid)
     assert out.split() == ["ok"], out + server.log()
+    print(f"peak RSS with sixteen connections of 32 MiB requests: {peak:.0f} MiB")
     assert peak < 16 * 32 + 160, f"peak RSS {peak:.0f} MiB"
 
 
@@ -138,3 +140,34 @@ def test_shared_spans_keep_out_held_ones_and_wait_for_none():
         assert lock.try_share(object(), 0, 4096)
 
     trio.run(main)
+
+
+def test_buffer_pool_reuses_a_returned_buffer_of_the_same_size():
+    async def main():
+        pool = BufferPool(1 * MiB)
+        first = await pool.acquire(4096)
+        pool.release(first)
+        again = await pool.acquire(4096)
+        other = await pool.acquire(8192)
+        return first[1] is again[1], other[1] is not first[1], len(other[1])
+
+    assert trio.run(main) == (True, True, 8192)
+
+
+def test_buffer_pool_holds_at_most_its_capacity_kept_buffers_included():
+    async def main():
+        pool = BufferPool(1 * MiB)
+        held = [await pool.acquire(256 * 1024) for _ in range(4)]
+        for h in held:
+            pool.release(h)
+        # Four kept buffers fill the pool: a request of another size drops what it needs.
+        big = await pool.acquire(512 * 1024)
+        kept = sum(len(buffers) * size for size, buffers in pool._kept.items())
+        granted = False
+        with trio.move_on_after(0.1):
+            await pool.acquire(768 * 1024)  # only 512 KiB can be free: it waits
+            granted = True
+        counted = await pool.acquire(512 * 1024, buffer=False)
+        return len(big[1]), kept, granted, counted
+
+    assert trio.run(main) == (512 * 1024, 512 * 1024, False, (512 * 1024, None))
