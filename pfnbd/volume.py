@@ -44,6 +44,7 @@ DEFAULT_IO_DEPTH = 120
 SECTOR = 512
 
 IoHandler = Callable[[object, int], None]  # ulp_io_handler(cbk_arg, complete_status)
+NO_DATA = memoryview(b"")
 
 
 class VolumeOpenError(Exception):
@@ -90,7 +91,7 @@ class VolumeClient(Protocol):
 # The emulated client library.
 
 
-@attrs.frozen
+@attrs.define  # not frozen: a frozen class costs a setattr call per field, per I/O
 class _Io:
     kind: str  # "read", "write" or "discard"
     offset: int
@@ -172,18 +173,18 @@ class EmulatedVolume:
             return -errno.EINVAL
         if is_write and self.read_only:
             return -errno.EROFS
-        if not self._take_slot():
+        data = self._take_slot(is_write)
+        if data is None:
             return -errno.EAGAIN
         if not is_write:  # reads land in `iov`
             self._queue.put(_Io("read", offset, length, iov, callback, cbk_arg))
             return 0
         # Write data is the library's own copy from here on.
-        data = memoryview(self._data_buffer())[:length]
         position = 0
         for piece in iov:
             data[position : position + len(piece)] = piece
             position += len(piece)
-        self._queue.put(_Io("write", offset, length, data, callback, cbk_arg))
+        self._queue.put(_Io("write", offset, length, data[:length], callback, cbk_arg))
         return 0
 
     def discard_submit(self, offset: int, length: int, callback: IoHandler, cbk_arg: object) -> int:
@@ -191,21 +192,21 @@ class EmulatedVolume:
             return -errno.EINVAL
         if self.read_only:
             return -errno.EROFS
-        if not self._take_slot():
+        if self._take_slot(write=False) is None:
             return -errno.EAGAIN
-        self._queue.put(_Io("discard", offset, length, memoryview(b""), callback, cbk_arg))
+        self._queue.put(_Io("discard", offset, length, NO_DATA, callback, cbk_arg))
         return 0
 
-    def _take_slot(self) -> bool:
+    def _take_slot(self, write: bool) -> memoryview | None:
+        """One request of the pool, with its data buffer for a write (empty for
+        anything else); None when every request is taken."""
         with self._pool_lock:
             if self._in_flight >= self._pool_size:
-                return False
+                return None
             self._in_flight += 1
-            return True
-
-    def _data_buffer(self) -> bytearray:
-        with self._pool_lock:
-            return self._data_buffers.pop() if self._data_buffers else bytearray(PF_MAX_IO_SIZE)
+            if not write:
+                return NO_DATA
+            return memoryview(self._data_buffers.pop() if self._data_buffers else bytearray(PF_MAX_IO_SIZE))
 
     def allocation(self, offset: int, length: int) -> Iterator[Extent]:
         return self._image.extents(offset, length)
