@@ -15,6 +15,7 @@ import errno
 import logging
 from collections import deque
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import attrs
 import trio
@@ -53,7 +54,9 @@ ALLOWED_FLAGS = {
 }
 MUTATING = {p.Command.WRITE, p.Command.TRIM, p.Command.WRITE_ZEROES}
 DIRECT_COMMANDS = {p.Command.READ, p.Command.WRITE}  # candidates for the task-free path
-FUA = int(p.CommandFlags.FUA)  # a plain int: `int & IntFlag` builds a flag object
+# Plain ints for the checks made on every request: `int & IntFlag` builds a flag object.
+FUA = int(p.CommandFlags.FUA)
+DF = int(p.CommandFlags.DF)
 WITH_RANGE = {p.Command.READ, p.Command.WRITE, p.Command.TRIM, p.Command.CACHE,
               p.Command.WRITE_ZEROES, p.Command.BLOCK_STATUS}
 # Host errno -> NBD error; anything else is EIO.
@@ -73,8 +76,7 @@ class RequestError(Exception):
         self.error = error
 
 
-@attrs.frozen
-class Request:
+class Request(NamedTuple):  # not a frozen attrs class: one is made per request
     flags: int
     command: int
     cookie: int
@@ -425,7 +427,7 @@ class Transmission:
             raise RequestError(p.Errno.EINVAL, f"unknown command {command}")
         if request.flags & ~allowed:
             raise RequestError(p.Errno.EINVAL, f"flags {request.flags:#x} are invalid for {request.name}")
-        if request.flags & p.CommandFlags.DF and not self._replies.structured:
+        if request.flags & DF and not self._replies.structured:
             raise RequestError(p.Errno.EINVAL, "DF needs structured replies")
         if command in MUTATING and self._read_only:
             raise RequestError(p.Errno.EPERM, "the export is read-only")

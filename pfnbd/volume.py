@@ -414,7 +414,7 @@ class RangeLock:
     def try_share(self, owner: object, start: int, end: int) -> bool:
         """Shares [start, end) under `owner` unless it is held or waited for."""
         span = (start, end)
-        if _overlap(self._held, span) or _overlap(self._waiting, span):
+        if (self._held or self._waiting) and (_overlap(self._held, span) or _overlap(self._waiting, span)):
             return False
         self._shared[owner] = span
         return True
