@@ -30,6 +30,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -38,6 +39,9 @@ import attrs
 
 SECTOR = 512
 CHUNK = 64 * 1024  # copy-before-write granularity
+# How long a busy head keeps the snapshot barrier across batches of writes: one
+# flock pair per batch cost more than the batch's small writes.
+BARRIER_HOLD_LIMIT = 0.005
 MAX_NAME_LENGTH = 96  # PureFlash's limit on volume names
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 SUFFIX_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
@@ -430,6 +434,9 @@ class _Image:
         """Several I/Os as one for the barrier; only a writable head needs it."""
         return contextlib.nullcontext()
 
+    def idle(self) -> None:
+        """Nothing more is queued: what a batch kept for the next one is let go."""
+
     def close(self) -> None:
         self._meta.close()
         os.close(self._head)
@@ -454,6 +461,7 @@ class HeadImage(_Image):
         self._newest_map = bytearray()
         self._batching = False
         self._barrier_held = False
+        self._barrier_taken = 0.0
         self._refresh()
 
     def _refresh(self) -> None:
@@ -471,7 +479,9 @@ class HeadImage(_Image):
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Several I/Os as one for the barrier: taken at the first write, held to the end.
+        """Several I/Os as one for the barrier: taken at the first write, and kept for
+        the next batch while the volume stays busy (until `idle`), but never longer
+        than BARRIER_HOLD_LIMIT, so a snapshot waits at most about that long.
 
         Reads never take it, so a batch of reads costs no lock."""
         self._batching = True
@@ -479,12 +489,17 @@ class HeadImage(_Image):
             yield
         finally:
             self._batching = False
-            self._release_barrier()
+            if time.monotonic() - self._barrier_taken > BARRIER_HOLD_LIMIT:
+                self._release_barrier()
+
+    def idle(self) -> None:
+        self._release_barrier()
 
     def _hold_barrier(self) -> None:
         if not self._barrier_held:
             fcntl.flock(self._barrier, fcntl.LOCK_SH)
             self._barrier_held = True
+            self._barrier_taken = time.monotonic()
             self._refresh()
 
     def _release_barrier(self) -> None:

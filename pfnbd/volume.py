@@ -254,9 +254,13 @@ class EmulatedVolume:
     def _take_queued(self, timeout: float | None) -> list[_Io | None]:
         """Everything queued, waiting up to `timeout` for the first; [] if none came."""
         try:
-            taken = [self._queue.get(timeout=timeout)]
+            taken = [self._queue.get_nowait()]
         except queue.Empty:
-            return []
+            self._image.idle()  # about to wait: nothing is kept from other processes
+            try:
+                taken = [self._queue.get(timeout=timeout)]
+            except queue.Empty:
+                return []
         while True:
             try:
                 taken.append(self._queue.get_nowait())
