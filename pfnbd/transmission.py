@@ -131,6 +131,10 @@ class BufferPool:
         size = min(size, self.capacity)  # one request may use it all, never more
         while self._in_use + size > self.capacity:
             await self._released.park()
+        return self.take(size, buffer)
+
+    def take(self, size: int, buffer: bool = True) -> Held:
+        """`acquire` when `fits(size)`: no await, so no task switch."""
         self._in_use += size
         if not buffer:
             return size, None
@@ -141,11 +145,18 @@ class BufferPool:
         self._drop_kept(self.capacity - self._in_use)
         return size, bytearray(size)
 
+    def fits(self, size: int) -> bool:
+        return self._in_use + size <= self.capacity
+
     def release(self, held: Held) -> None:
         size, buffer = held
         self._in_use -= size
         if buffer is not None:
-            self._kept.setdefault(size, []).append(buffer)
+            kept = self._kept.get(size)
+            if kept is None:
+                self._kept[size] = [buffer]
+            else:
+                kept.append(buffer)
             self._kept_bytes += size
         if self._released:
             self._released.unpark_all()
@@ -324,7 +335,7 @@ class Transmission:
             await self._receiver.discard(length)
             return None, RequestError(p.Errno.EINVAL, f"{request.name} takes no payload")
         if request.command == p.Command.WRITE:
-            held = await self._buffers.acquire(length)
+            held = self._buffers.take(length) if self._buffers.fits(length) else await self._buffers.acquire(length)
         elif request.command == p.Command.READ and request.length <= self._max_payload:
             # A read of partial sectors needs a bigger buffer: the bridge makes its own.
             held = await self._buffers.acquire(

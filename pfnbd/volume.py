@@ -343,10 +343,10 @@ class _Callback:
 
     __slots__ = ("function", "mutations", "outstanding", "status")
 
-    def __init__(self, function: Callable[[int], None], mutations: RangeLock | None = None) -> None:
+    def __init__(self, function: Callable[[int], None], mutations: RangeLock | None, submits: int) -> None:
         self.function = function
         self.mutations = mutations
-        self.outstanding = 1  # the submitter's own hold, dropped once all are submitted
+        self.outstanding = submits
         self.status = 0
 
     def complete(self, index: int, status: int) -> None:
@@ -555,22 +555,24 @@ class VolumeBridge:
         length = len(buffer)
         if not (length and self.whole_sectors(offset, length)):
             return False
-        completion = _Callback(on_done, self._mutations if is_write else None)
+        pieces = [buffer] if length <= PF_MAX_IO_SIZE else [
+            buffer[start : start + PF_MAX_IO_SIZE] for start in range(0, length, PF_MAX_IO_SIZE)]
+        completion = _Callback(on_done, self._mutations if is_write else None, len(pieces))
         if is_write and not self._mutations.try_share(completion, offset, offset + length):
             return False
-        for start in range(0, length, PF_MAX_IO_SIZE):
-            piece = buffer[start : start + PF_MAX_IO_SIZE]
+        for index, piece in enumerate(pieces):
             status = self.backend.iov_submit(
-                [piece], len(piece), offset + start, self._inbox.callback, (completion, 0), is_write)
+                [piece], len(piece), offset + index * PF_MAX_IO_SIZE, self._inbox.callback, (completion, 0), is_write)
             if status:
-                if not start:
+                if not index:
                     if is_write:
                         self._mutations.unshare(completion)
                     return False
+                # No completion can have run yet (they reach trio through the inbox,
+                # after this returns): only the submitted ones are awaited.
                 completion.status = status
+                completion.outstanding = index
                 break
-            completion.outstanding += 1
-        completion.complete(0, 0)
         return True
 
     @staticmethod
