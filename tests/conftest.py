@@ -48,18 +48,11 @@ class Cli:
 
 
 @attrs.define
-class Server:
+class ServeProcess:
     """A running `pfnbd serve`; `stop()` sends SIGTERM and returns the exit code."""
 
     process: subprocess.Popen[str]
-    socket: Path
     log_path: Path
-
-    def uri(self, export: str = "test_v1") -> str:
-        return f"nbd+unix:///{export}?socket={self.socket}"
-
-    def qemu_uri(self, export: str = "test_v1") -> str:
-        return f"nbd:unix:{self.socket}:exportname={export}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -73,6 +66,19 @@ class Server:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"pfnbd serve ignored signal {sig}:\n{self.log()}")
+
+
+@attrs.define
+class Server(ServeProcess):
+    """One the `start_server` fixture started, on a Unix socket."""
+
+    socket: Path
+
+    def uri(self, export: str = "test_v1") -> str:
+        return f"nbd+unix:///{export}?socket={self.socket}"
+
+    def qemu_uri(self, export: str = "test_v1") -> str:
+        return f"nbd:unix:{self.socket}:exportname={export}"
 
 
 def wait_for_socket(process: subprocess.Popen[str], path: Path, log_path: Path) -> None:
@@ -119,7 +125,7 @@ def start_server(cli: Cli, tmp_path: Path):
         )
         log.close()
         wait_for_socket(process, socket, log_path)
-        server = Server(process, socket, log_path)
+        server = Server(process=process, log_path=log_path, socket=socket)
         servers.append(server)
         return server
 

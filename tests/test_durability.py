@@ -162,7 +162,7 @@ def serve_on(cli: Cli, socket_path: Path, log_path: Path, volume: str):
             pfnbd_command("serve", "--socket", str(socket_path), "--volume", volume),
             env=cli.env, stdout=log, stderr=subprocess.STDOUT,
         )
-    server = Server(process, socket_path, log_path)
+    server = Server(process=process, log_path=log_path, socket=socket_path)
     try:
         wait_until_listening(server)
         yield server

@@ -94,7 +94,7 @@ def nbd_server(tmp_path_factory, request):
             env=cli.env, stdout=log, stderr=subprocess.STDOUT,
         )
     wait_for_socket(process, sock, log_path)
-    server = Server(process, sock, log_path)
+    server = Server(process=process, log_path=log_path, socket=sock)
     try:
         with NbdClient.unix(sock) as seeder:
             seeder.handshake()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import signal
 import socket
 import ssl
 import struct
@@ -20,7 +19,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from conftest import Cli, pfnbd_command, run
+from conftest import Cli, ServeProcess, pfnbd_command, run
 from pfnbd import protocol as p
 from pfnbd.negotiation import ExportInfo, Negotiation, OptionOutcome, State, TlsMode
 
@@ -530,13 +529,8 @@ def launch(cli: Cli, tmp_path: Path):
 
 
 @attrs.define
-class Launched:
-    process: subprocess.Popen[str]
-    log_path: Path
+class Launched(ServeProcess):
     listen: list[str] = attrs.Factory(list)  # as the `serving` line shows them
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def wait_until_serving(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -551,16 +545,6 @@ class Launched:
     @property
     def port(self) -> int:
         return int(self.listen[0].rsplit(":", 1)[1])
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"pfnbd serve ignored signal {sig}:\n{self.log()}")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])

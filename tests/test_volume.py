@@ -223,40 +223,40 @@ def test_injected_delay_is_latency_not_a_queue(store):
     assert run_bridge(store, body, faults=Faults(delay=0.2)) < 0.2 * 64 / 4
 
 
+class Answers:
+    """The `on_done` of `start_transfer`: keeps every status it is called with."""
+
+    def __init__(self):
+        self.statuses = []
+        self.first = trio.Event()
+
+    def __call__(self, status):
+        self.statuses.append(status)
+        self.first.set()
+
+
 def test_start_transfer_runs_a_request_as_many_submits_and_answers_once(store):
     payload = random.Random(3).randbytes(5 * PF_MAX_IO_SIZE + 4096)
 
     async def body(bridge):
-        statuses = []
-        done = trio.Event()
-
-        def on_done(status):
-            statuses.append(status)
-            done.set()
-
-        assert bridge.start_transfer(8192, memoryview(bytearray(payload)), True, on_done)
-        await done.wait()
+        answers = Answers()
+        assert bridge.start_transfer(8192, memoryview(bytearray(payload)), True, answers)
+        await answers.first.wait()
         await trio.sleep(0.05)  # a second answer would come in this time
-        return statuses, bytes(await bridge.read(8192, len(payload)))
+        return answers.statuses, bytes(await bridge.read(8192, len(payload)))
 
     assert run_bridge(store, body) == ([0], payload)
 
 
 def test_start_transfer_refused_midway_reports_a_retryable_status(store):
     async def body(bridge):
-        statuses = []
-        done = trio.Event()
-
-        def on_done(status):
-            statuses.append(status)
-            done.set()
-
+        answers = Answers()
         # A pool of two requests: the third submit of four is refused.
-        assert bridge.start_transfer(0, memoryview(bytearray(4 * PF_MAX_IO_SIZE)), False, on_done)
+        assert bridge.start_transfer(0, memoryview(bytearray(4 * PF_MAX_IO_SIZE)), False, answers)
         # With the pool full, a first submit refused starts nothing.
-        assert not bridge.start_transfer(0, memoryview(bytearray(4096)), True, on_done)
-        await done.wait()
-        return statuses, bridge.retryable(statuses[0])
+        assert not bridge.start_transfer(0, memoryview(bytearray(4096)), True, answers)
+        await answers.first.wait()
+        return answers.statuses, bridge.retryable(answers.statuses[0])
 
     assert run_bridge(store, body, io_depth=1, faults=Faults(delay=0.2)) == ([-errno.EAGAIN], True)
 
