@@ -335,13 +335,14 @@ class Transmission:
             await self._receiver.discard(length)
             return None, RequestError(p.Errno.EINVAL, f"{request.name} takes no payload")
         if request.command == p.Command.WRITE:
-            held = self._buffers.take(length) if self._buffers.fits(length) else await self._buffers.acquire(length)
+            size, with_buffer = length, True
         elif request.command == p.Command.READ and request.length <= self._max_payload:
             # A read of partial sectors needs a bigger buffer: the bridge makes its own.
-            held = await self._buffers.acquire(
-                request.length, buffer=self._bridge.whole_sectors(request.offset, request.length))
+            size, with_buffer = request.length, self._bridge.whole_sectors(request.offset, request.length)
         else:  # only counted: CACHE reads through buffers of its own
-            held = await self._buffers.acquire(self._cache_size(request), buffer=False)
+            size, with_buffer = self._cache_size(request), False
+        held = (self._buffers.take(size, with_buffer) if self._buffers.fits(size)
+                else await self._buffers.acquire(size, with_buffer))
         buffer = memoryview(held[1] if held[1] is not None else b"")
         if request.command == p.Command.WRITE:
             try:
