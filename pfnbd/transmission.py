@@ -139,9 +139,8 @@ class BufferPool:
         if not buffer:
             return size, None
         kept = self._kept.get(size)
-        if kept:
-            self._kept_bytes -= size
-            return size, kept.pop()
+        if kept is not None:
+            return size, self._unkeep(size, kept)
         self._drop_kept(self.capacity - self._in_use)
         return size, bytearray(size)
 
@@ -161,14 +160,28 @@ class BufferPool:
         if self._released:
             self._released.unpark_all()
 
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept_bytes
+
+    def _unkeep(self, size: int, kept: list[bytearray]) -> bytearray:
+        """The one way a buffer leaves `_kept`: a size whose last buffer goes leaves
+        with it, so every list in `_kept` has a buffer to give."""
+        buffer = kept.pop()
+        if not kept:
+            del self._kept[size]
+        self._kept_bytes -= size
+        return buffer
+
     def _drop_kept(self, room: int) -> None:
-        """Drops kept buffers until they fit in `room` bytes."""
+        """Drops kept buffers, the sizes kept longest first, until they fit in `room` bytes."""
         while self._kept_bytes > room:
             size, kept = next(iter(self._kept.items()))
-            kept.pop()
-            self._kept_bytes -= size
-            if not kept:
-                del self._kept[size]
+            self._unkeep(size, kept)
 
 
 class Replies:
@@ -379,14 +392,17 @@ class Transmission:
             self._handlers.start_soon(self._handle, request, taken, None)  # retried there
             return
         self.counters.requests += 1
-        if status:
-            reply = self._volume_failed(request, VolumeIOError(status))
-        elif request.command == p.Command.READ:
-            self.counters.bytes_read += request.length
-            reply = self._replies.data(request, taken[0])
-        else:
-            self.counters.bytes_written += request.length
-            reply = self._replies.done(request)
+        try:
+            if status:
+                reply = self._volume_failed(request, VolumeIOError(status))
+            elif request.command == p.Command.READ:
+                self.counters.bytes_read += request.length
+                reply = self._replies.data(request, taken[0])
+            else:
+                self.counters.bytes_written += request.length
+                reply = self._replies.done(request)
+        except Exception:  # raised here, in a completion, it would end the whole server
+            reply = self._internal_error(request)
         self._answer(reply, taken[1])
 
     async def _handle(self, request: Request, taken: Taken | None, refusal: RequestError | None) -> None:
@@ -401,6 +417,8 @@ class Transmission:
             reply = self._refuse(request, error.error, str(error))
         except VolumeIOError as error:
             reply = self._volume_failed(request, error)
+        except Exception:  # a bug in serving one request fails that request, not the connection
+            reply = self._internal_error(request)
         self._answer(reply, held)
 
     def _answer(self, reply: list[Buffer], held: Held) -> None:
@@ -425,6 +443,10 @@ class Transmission:
     def _volume_failed(self, request: Request, error: VolumeIOError) -> list[Buffer]:
         log.warning("%s at %d+%d failed: %s", request.name, request.offset, request.length, error)
         return self._refuse(request, NBD_ERRORS.get(error.errno, p.Errno.EIO), str(error))
+
+    def _internal_error(self, request: Request) -> list[Buffer]:
+        log.exception("%s at %d+%d failed", request.name, request.offset, request.length)
+        return self._refuse(request, p.Errno.EIO, "internal server error")
 
     def _refuse(self, request: Request, error: p.Errno, message: str) -> list[Buffer]:
         self.counters.errors += 1
