@@ -136,13 +136,14 @@ class BufferPool:
     def take(self, size: int, buffer: bool = True) -> Held:
         """`acquire` when `fits(size)`: no await, so no task switch."""
         self._in_use += size
-        if not buffer:
-            return size, None
-        kept = self._kept.get(size)
-        if kept is not None:
-            return size, self._unkeep(size, kept)
+        if buffer:
+            kept = self._kept.get(size)
+            if kept is not None:
+                return size, self._unkeep(size, kept)
+        # Bytes only counted stand for memory the request allocates itself: kept
+        # buffers make room for them too.
         self._drop_kept(self.capacity - self._in_use)
-        return size, bytearray(size)
+        return size, bytearray(size) if buffer else None
 
     def fits(self, size: int) -> bool:
         return self._in_use + size <= self.capacity
