@@ -1,6 +1,6 @@
 """Model tests of the data path's bookkeeping: every structure that keeps per-key
 lists or counters (the connection's buffer pool, the bridge's range lock, the
-emulated library's request pool), driven by random operation sequences and checked
+emulated library's request pool, the countdowns of multi-submit transfers), driven by random operation sequences and checked
 against a plain model after every step.  A structure whose state can disagree with
 itself drops a connection the first time a client's sizes line up (issue 18)."""
 
@@ -18,7 +18,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from pfnbd.store import Store
 from pfnbd.transmission import BufferPool
-from pfnbd.volume import PF_MAX_IO_SIZE, EmulatedClient, RangeLock
+from pfnbd.volume import PF_MAX_IO_SIZE, EmulatedClient, RangeLock, VolumeBridge
 
 CAPACITY = 1 << 16
 SIZES = st.sampled_from([0, 512, 4096, 8192, 12288, 32768, CAPACITY])
@@ -246,3 +246,68 @@ def test_emulated_pool_refuses_exactly_when_full_and_gives_every_request_back(vo
     assert statuses == [0] * outstanding
     assert volume._in_flight == 0
     assert len(volume._data_buffers) <= pool_size
+
+
+# --- completion countdowns: start_transfer's and a round of submits' ----------------
+
+
+class ShuffledBackend:
+    """A library whose completions come from its own thread, in random order, some
+    failing: what `_Callback` and `_Batch` count down must reach zero exactly once."""
+
+    name = "shuffled"
+    size = 64 << 20
+    read_only = False
+    can_discard = False
+
+    def __init__(self, rng, failures: dict[int, int]) -> None:
+        self._rng = rng
+        self._failures = failures  # submit number -> the status it completes with
+        self.submitted: list[tuple[int, int]] = []
+        self._pending: list[tuple[object, object, int]] = []
+
+    def iov_submit(self, iov, length, offset, callback, cbk_arg, is_write):
+        number = len(self.submitted)
+        self.submitted.append((offset, length))
+        self._pending.append((callback, cbk_arg, self._failures.get(number, 0)))
+        return 0
+
+    def complete_all(self) -> None:
+        """Completes everything submitted so far, shuffled, from another thread."""
+        pending, self._pending = self._pending, []
+        self._rng.shuffle(pending)
+        thread = threading.Thread(target=lambda: [callback(arg, status) for callback, arg, status in pending])
+        thread.start()
+        thread.join()
+
+    def close(self) -> None:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 8), st.booleans()), min_size=1, max_size=12),
+       st.dictionaries(st.integers(0, 60), st.sampled_from([-errno.EIO, -errno.ENOSPC, 0xC3])),
+       st.randoms(use_true_random=False))
+def test_each_transfer_is_answered_once_with_its_first_failure(transfers, failures, rng):
+    async def main():
+        backend = ShuffledBackend(rng, failures)
+        bridge = VolumeBridge(backend)
+        answers: dict[int, list[int]] = {}
+        expected: dict[int, set[int]] = {}
+        offset = 0
+        for number, (pieces, is_write) in enumerate(transfers):
+            first = len(backend.submitted)
+            buffer = memoryview(bytearray(pieces * PF_MAX_IO_SIZE))
+            assert bridge.start_transfer(offset, buffer, is_write,
+                                         lambda status, number=number: answers.setdefault(number, []).append(status))
+            expected[number] = {failures[n] for n in range(first, first + pieces) if n in failures}
+            offset += len(buffer)
+        backend.complete_all()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(answers) == list(range(len(transfers)))
+        for number, statuses in answers.items():
+            assert len(statuses) == 1, f"transfer {number} answered {statuses}"
+            assert statuses[0] in expected[number] if expected[number] else statuses[0] == 0
+        assert bridge._mutations._shared == {}
+
+    trio.run(main)
