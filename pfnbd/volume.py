@@ -27,12 +27,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Protocol
+from functools import partial
+from typing import Protocol, TypeVar
 
 import attrs
 import trio
 
-from .store import Extent, HeadImage, SnapshotImage, Store
+from .store import Extent, HeadImage, SnapshotImage, Store, StoreError, split_snapshot_name
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ S5_LIB_VER = 0x00010000
 DEFAULT_IO_DEPTH = 120
 SECTOR = 512
 
+T = TypeVar("T")
 IoHandler = Callable[[object, int], None]  # ulp_io_handler(cbk_arg, complete_status)
 NO_DATA = memoryview(b"")
 
@@ -60,13 +62,18 @@ class VolumeBackend(Protocol):
     so it says no and the bridge writes zeros); `allocation` reports what was never
     written (the real library reports everything allocated); `flush` makes completed
     writes durable (a no-op for the real library: an acknowledged write is already
-    on its replicas).
+    on its replicas); `changes(since, ...)` reports where the volume may differ from
+    its snapshot `since`, for each snapshot in `dirty_bitmaps`, and `depths` which
+    layer of a snapshot's chain each byte comes from, where `has_depths` (neither
+    for the real library, whose client API cannot tell).
     """
 
     name: str  # VOLUME or VOLUME@SNAP, for the log
     size: int
     read_only: bool
     can_discard: bool
+    dirty_bitmaps: Sequence[str]  # older snapshots `changes` can compare with
+    has_depths: bool
 
     def iov_submit(
         self, iov: Sequence[memoryview], length: int, offset: int,
@@ -76,6 +83,10 @@ class VolumeBackend(Protocol):
     def discard_submit(self, offset: int, length: int, callback: IoHandler, cbk_arg: object) -> int: ...
 
     def allocation(self, offset: int, length: int) -> Iterator[Extent]: ...
+
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]: ...
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]: ...
 
     def flush(self) -> None: ...
 
@@ -140,15 +151,21 @@ class EmulatedClient:
         if not 0 < self.io_depth <= PF_MAX_IO_DEPTH:
             raise VolumeOpenError(f"io_depth must be 1..{PF_MAX_IO_DEPTH}")
         export = f"{name}@{snap}" if snap else name
-        return EmulatedVolume(self.store.open_image(export), export, self.io_depth, self.faults)
+        return EmulatedVolume(self.store, self.store.open_image(export), export, self.io_depth, self.faults)
 
 
 class EmulatedVolume:
     can_discard = True
 
-    def __init__(self, image: HeadImage | SnapshotImage, name: str, io_depth: int,
+    def __init__(self, store: Store, image: HeadImage | SnapshotImage, name: str, io_depth: int,
                  faults: Faults = Faults()) -> None:
+        self._store = store
         self._image = image
+        self._volume, self._snapshot = split_snapshot_name(name)
+        meta = store.get(self._volume)
+        older = meta.snapshots[: meta.snapshot_index(self._snapshot)] if self._snapshot else meta.snapshots
+        self.dirty_bitmaps = tuple(snapshot.name for snapshot in older)
+        self.has_depths = isinstance(image, SnapshotImage)
         self._faults = faults
         self._random = random.Random(faults.seed)
         self.name = name
@@ -211,6 +228,15 @@ class EmulatedVolume:
 
     def allocation(self, offset: int, length: int) -> Iterator[Extent]:
         return self._image.extents(offset, length)
+
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]:
+        try:
+            yield from self._store.changes(self._volume, since, self._snapshot, offset, length)
+        except StoreError as error:  # `since` deleted meanwhile
+            raise OSError(errno.ENOENT, str(error)) from None
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        return self._image.depths(offset, length)
 
     def flush(self) -> None:
         self._image.sync()
@@ -706,8 +732,19 @@ class VolumeBridge:
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         """The allocation of a range; a failure to learn it raises `VolumeIOError`."""
+        return self._block_status(self.backend.allocation, offset, length)
+
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]:
+        """Where the volume may differ from its snapshot `since` (`allocated`: changed)."""
+        return self._block_status(partial(self.backend.changes, since), offset, length)
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """(length, depth) runs of a snapshot's allocation depth."""
+        return self._block_status(self.backend.depths, offset, length)
+
+    def _block_status(self, source: Callable[[int, int], Iterator[T]], offset: int, length: int) -> Iterator[T]:
         try:
-            yield from self.backend.allocation(offset, length)
+            yield from source(offset, length)
         except OSError as error:
             log.error("block status of %s at %d+%d failed: %s", self.backend.name, offset, length, error)
             raise VolumeIOError(-(error.errno or errno.EIO)) from error
