@@ -108,7 +108,8 @@ def start_server(cli: Cli, tmp_path: Path):
     """
     servers: list[Server] = []
 
-    def start(volumes: dict[str, str] | None = None, *extra: str, exports: list[str] | None = None) -> Server:
+    def start(volumes: dict[str, str] | None = None, *extra: str, exports: list[str] | None = None,
+              preexec_fn=None) -> Server:
         volumes = {"test_v1": "64M"} if volumes is None else volumes
         existing = {v["name"] for v in json.loads(cli.run("volume", "list", "--json").stdout)}
         for name, size in volumes.items():
@@ -121,7 +122,8 @@ def start_server(cli: Cli, tmp_path: Path):
             args += ["--volume", name]
         log = open(log_path, "w")
         process = subprocess.Popen(
-            pfnbd_command(*args, *extra), env=cli.env, stdout=log, stderr=subprocess.STDOUT, text=True
+            pfnbd_command(*args, *extra), env=cli.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=preexec_fn,  # e.g. a resource limit the server is to run under
         )
         log.close()
         wait_for_socket(process, socket, log_path)
