@@ -309,7 +309,7 @@ def serve(
         if conf is not None:
             raise CliError("--conf needs --backend pureflash")
         names = _emulated_exports(store, volumes, all_volumes)
-        client = EmulatedClient(store, io_depth, _faults(io_depth, error_rate, error_status, delay))
+        client = EmulatedClient(store, io_depth, _faults(io_depth, error_rate, error_status, delay), read_only)
         describe = store.describe
     if len(set(names)) != len(names):
         raise CliError("a volume is named twice in --volume")
