@@ -14,11 +14,9 @@ import errno
 import itertools
 import json
 import os
-import random
 import shutil
 import subprocess
 import threading
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -28,7 +26,9 @@ import pytest
 
 from conftest import require, run
 from test_libnbd_clients import test_libnbd_256_pipelined_requests as libnbd_256_pipelined_requests
-from test_pureflash import QEMU_IO_READS, QEMU_IO_WRITES, check_qemu_io, expected_after_qemu_io, qemu_io_command
+from test_pureflash import (
+    QEMU_IO_READS, QEMU_IO_WRITES, Completions, check_qemu_io, expected_after_qemu_io, pattern, qemu_io_command,
+)
 from pfnbd.pureflash import LIBRARY_ENV, PfClientVolumeInfo, PureFlashClient, PureFlashVolume
 from pfnbd.volume import PF_MAX_IO_SIZE, VolumeOpenError
 
@@ -104,31 +104,6 @@ def real_cluster(tmp_path_factory) -> RealCluster:
         stop = cluster_script("stop", str(base), timeout=120)
         assert stop.returncode == 0, stop.stderr
         assert not (base / "tray.img").exists()
-
-
-class Completions:
-    """Records callbacks, which arrive on the library's thread, for the test's thread."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self.statuses: dict[object, int] = {}
-        self.threads: set[int] = set()
-
-    def callback(self, tag: object, status: int) -> None:
-        with self._changed:
-            self.statuses[tag] = status
-            self.threads.add(threading.get_ident())
-            self._changed.notify_all()
-
-    def wait(self, count: int) -> dict[object, int]:
-        with self._changed:
-            if not self._changed.wait_for(lambda: len(self.statuses) >= count, STEP_TIMEOUT):
-                pytest.fail(f"{count - len(self.statuses)} of {count} callbacks never came")
-            return dict(self.statuses)
-
-
-def pattern(length: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(length)
 
 
 def submit(volume: PureFlashVolume, done: Completions, tag: object, buffers: list, offset: int,
