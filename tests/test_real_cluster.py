@@ -39,6 +39,10 @@ KiB = 1 << 10
 MiB = 1 << 20
 TRAY_DISK_NEEDED = 16 << 30  # the 15 GiB sparse tray gets 11 GB written at first start
 
+# The first test pays for the session's cold build (3.5 min on two idle cores, more in a
+# busy CI) and the cluster's start, past the suite's 300 s default.
+pytestmark = pytest.mark.timeout(1200)
+
 
 @attrs.frozen
 class RealCluster:
