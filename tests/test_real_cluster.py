@@ -386,3 +386,41 @@ def test_snapshot_exported_read_only(real_cluster, serve_real):
     assert run("nbdinfo", "--is", "read-only", snapshot, timeout=STEP_TIMEOUT, check=False).returncode == 0
     listing = run("nbdinfo", "--list", head, timeout=STEP_TIMEOUT).stdout
     assert f"snapshot snap1 of PureFlash volume {name}" in listing
+
+
+# --- `pfnbd volume ... --backend pureflash`: the conductor through ZooKeeper --------
+
+
+def test_volume_cli_through_the_conductor(real_cluster, cli, tmp_path):
+    def pfnbd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return cli.run("volume", *args, "--backend", "pureflash", "--conf", str(real_cluster.conf), check=check)
+
+    def refused(*args: str) -> str:
+        result = pfnbd(*args, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result
+        return lines[0]
+
+    name = f"cli_{os.getpid()}"
+    assert pfnbd("create", name, "--size", "48M").stdout.strip() == f"created volume {name}: 48 MiB"
+    assert f"volume already exists: {name}" in refused("create", name, "--size", "48M")
+    listed = {v["name"]: v for v in json.loads(pfnbd("list", "--json").stdout)}
+    assert (listed[name]["size"], listed[name]["replicas"], listed[name]["status"]) == (48 * MiB, 1, "OK")
+    assert json.loads(pfnbd("info", name, "--json").stdout) == listed[name]
+    # The library sees what the CLI made.
+    assert real_cluster.client().query_volume_info(name).size == 48 * MiB
+
+    assert pfnbd("snapshot", name, "s1").stdout.strip() == f"created snapshot {name}@s1"
+    real_cluster.client().open_volume(name, "s1").close()
+    assert "already exists" in refused("snapshot", name, "s1")
+    assert pfnbd("snapshot-delete", name, "s1").stdout.strip() == f"deleted snapshot {name}@s1"
+    assert pfnbd("delete", name).stdout.strip() == f"deleted volume {name}"
+    assert f"no such volume: {name}" in refused("info", name)
+    assert "volume not exists" in refused("delete", name)
+    assert name not in {v["name"] for v in json.loads(pfnbd("list", "--json").stdout)}
+
+    elsewhere = tmp_path / "other-cluster.conf"
+    elsewhere.write_text(real_cluster.conf.read_text().replace("name=cluster1", "name=nowhere"))
+    result = cli.run("volume", "list", "--backend", "pureflash", "--conf", str(elsewhere), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "pfnbd: error: no conductor registered in ZooKeeper under /pureflash/nowhere/conductors"
