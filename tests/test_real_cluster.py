@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -84,6 +85,10 @@ class RealCluster:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
+def file_system(path: Path) -> str:
+    return run("stat", "-f", "-c", "%T", str(path)).stdout.strip()
+
+
 def cluster_script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(CLUSTER_SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
 
@@ -96,10 +101,12 @@ def real_cluster(tmp_path_factory) -> RealCluster:
         pytest.skip(build.stderr.strip())
     assert build.returncode == 0, build.stderr
     base = tmp_path_factory.mktemp("pureflash")
-    fs_type = run("stat", "-f", "-c", "%T", str(base)).stdout.strip()
-    if fs_type == "tmpfs" or shutil.disk_usage(base).free < TRAY_DISK_NEEDED:
-        pytest.skip(f"the PureFlash tray needs 16 GiB free on a real disk; {base} is {fs_type} "
-                    f"with {shutil.disk_usage(base).free >> 30} GiB free")
+    own_base = file_system(base) == "tmpfs"
+    if own_base:  # pytest's temporary directory is in memory: the tray goes to the disk
+        base = Path(tempfile.mkdtemp(prefix="pfnbd-cluster-", dir="/var/tmp"))
+    if file_system(base) == "tmpfs" or shutil.disk_usage(base).free < TRAY_DISK_NEEDED:
+        pytest.skip(f"the PureFlash tray needs 16 GiB free on a real disk; {base} is "
+                    f"{file_system(base)} with {shutil.disk_usage(base).free >> 30} GiB free")
     start = cluster_script("start", str(base), timeout=600)
     cluster = RealCluster(base, Path(build.stdout.strip().splitlines()[-1]) / "lib" / "libs5common.so")
     try:
@@ -107,9 +114,12 @@ def real_cluster(tmp_path_factory) -> RealCluster:
         assert (base / "env").read_text() == f"{LIBRARY_ENV}={cluster.library}\n"
         yield cluster
     finally:
-        stop = cluster_script("stop", str(base), timeout=120)
-        assert stop.returncode == 0, stop.stderr
+        if (base / "run").exists():  # not when start refused before starting anything
+            stop = cluster_script("stop", str(base), timeout=120)
+            assert stop.returncode == 0, stop.stderr
         assert not (base / "tray.img").exists()
+        if own_base:
+            shutil.rmtree(base)
 
 
 def submit(volume: PureFlashVolume, done: Completions, tag: object, buffers: list, offset: int,
