@@ -52,6 +52,12 @@ class Writer(threading.Thread):
         self.stop = threading.Event()
         self.failure: BaseException | None = None
 
+    def wait_for_acks(self, count: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(self.acked) < count and self.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.acked) >= count, ("the writer is not writing", self.failure)
+
     def run(self) -> None:
         try:
             seq = 0
@@ -94,7 +100,7 @@ def test_snapshots_amid_pipelined_writes_are_consistent_cuts(start_server, cli, 
     writer.start()
     moments = []
     try:
-        time.sleep(0.3)
+        writer.wait_for_acks(4 * DEPTH)
         for n in range(SNAPSHOTS):
             started = time.monotonic()
             store.create_snapshot("test_v1", f"s{n}")
@@ -145,7 +151,7 @@ def test_deleting_the_newest_snapshot_amid_pipelined_writes_leaves_the_older_one
     writer.start()
     changed = []
     try:
-        time.sleep(0.2)
+        writer.wait_for_acks(4 * DEPTH)
         for n in range(ROUNDS):
             store.create_snapshot("test_v1", f"kept{n}")
             before = snapshot_bytes(store, f"test_v1@kept{n}")
