@@ -18,9 +18,11 @@ as of the writer's next look, a few ms late, and those writes were all in flight
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 from fuzz.nbdwire import Cmd, NbdClient
 from pfnbd.store import Store
@@ -89,14 +91,24 @@ def check_cut(seen: list[int], writer: Writer, started: float, returned: float) 
             "acknowledged before the snapshot started")
 
 
-def test_snapshots_amid_pipelined_writes_are_consistent_cuts(start_server, cli):
+@contextlib.contextmanager
+def pipelined_writes(start_server, cli) -> Iterator[tuple[Store, Writer]]:
+    """The volume's store, and a Writer busy on it (stopped, and checked, at the end)."""
     server = start_server({"test_v1": str(BLOCKS * BLOCK)})
-    store = Store(cli.data_dir)
     writer = Writer(server)
     writer.start()
-    moments = []
     try:
         writer.wait_for_acks(4 * DEPTH)
+        yield Store(cli.data_dir), writer
+    finally:
+        writer.stop.set()
+        writer.join(timeout=60)
+    assert writer.failure is None, writer.failure
+
+
+def test_snapshots_amid_pipelined_writes_are_consistent_cuts(start_server, cli):
+    moments = []
+    with pipelined_writes(start_server, cli) as (store, writer):
         for n in range(SNAPSHOTS):
             started = time.monotonic()
             store.create_snapshot("test_v1", f"s{n}")
@@ -105,10 +117,6 @@ def test_snapshots_amid_pipelined_writes_are_consistent_cuts(start_server, cli):
         deadline = time.monotonic() + 30
         while writer.last_sent < moments[-1][1] and writer.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
-    finally:
-        writer.stop.set()
-        writer.join(timeout=60)
-    assert writer.failure is None, writer.failure
     first_started = moments[0][0]
     assert any(t < first_started for t in writer.acked.values())
     assert writer.last_sent > moments[-1][1], "the writer stopped before the last snapshot returned"
@@ -140,13 +148,8 @@ def test_deleting_the_newest_snapshot_amid_pipelined_writes_leaves_the_older_one
     """Deleting the newest snapshot folds what it preserved into the next older one;
     a head write that skipped the barrier would still preserve into the one being
     deleted, and the older snapshot would then read the head's new bytes."""
-    server = start_server({"test_v1": str(BLOCKS * BLOCK)})
-    store = Store(cli.data_dir)
-    writer = Writer(server)
-    writer.start()
     changed = []
-    try:
-        writer.wait_for_acks(4 * DEPTH)
+    with pipelined_writes(start_server, cli) as (store, writer):
         for n in range(ROUNDS):
             store.create_snapshot("test_v1", f"kept{n}")
             before = snapshot_bytes(store, f"test_v1@kept{n}")
@@ -157,8 +160,4 @@ def test_deleting_the_newest_snapshot_amid_pipelined_writes_leaves_the_older_one
             after = snapshot_bytes(store, f"test_v1@kept{n}")
             changed += [(n, b) for b in range(BLOCKS) if before[b * BLOCK : (b + 1) * BLOCK]
                         != after[b * BLOCK : (b + 1) * BLOCK]]
-    finally:
-        writer.stop.set()
-        writer.join(timeout=60)
-    assert writer.failure is None, writer.failure
     assert not changed, f"(round, block) of older snapshots changed by a delete: {changed[:8]}"
