@@ -81,9 +81,16 @@ class Server(ServeProcess):
         return f"nbd:unix:{self.socket}:exportname={export}"
 
 
+def listening(path: Path) -> bool:
+    """Whether a Unix socket listens at `path`: its file appears at bind, before listen,
+    and a client connecting in between is refused (Flags 00010000 is __SO_ACCEPTCON)."""
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return any(f[3] == "00010000" and f[-1] == str(path) for f in map(str.split, lines) if len(f) == 8)
+
+
 def wait_for_socket(process: subprocess.Popen[str], path: Path, log_path: Path) -> None:
     deadline = time.monotonic() + 30
-    while not path.exists():
+    while not listening(path):
         if process.poll() is not None:
             raise AssertionError(f"pfnbd serve exited {process.returncode}:\n"
                                  + log_path.read_text(errors="replace"))
