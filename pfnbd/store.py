@@ -535,7 +535,11 @@ class ReadOnlyHead(_Image):
 
 
 class HeadImage(_Image):
-    """A volume's live bytes; writes copy what a snapshot still needs first."""
+    """A volume's live bytes; writes copy what a snapshot still needs first.
+
+    Threads: writes, and the newest snapshot's files they open and close, run on one
+    thread (the volume's `vol_proc`); `extents` may run on another, but it uses only
+    the head's descriptor, which lives as long as the image."""
 
     writable = True
 
