@@ -20,6 +20,7 @@ import trio
 import typer
 
 from . import protocol as p
+from .control import ControlError, ExportControl, call, serve_control
 from .negotiation import TlsMode
 from .pureflash import LIBRARY_ENV, PureFlashClient
 from .server import (
@@ -27,6 +28,7 @@ from .server import (
     open_tcp_listeners, open_unix_listener, remove_socket, systemd_listeners,
 )
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size
+from .throttle import BURSTS, LIMITS, Limits, ThrottleError
 from .tls import TlsConfigError, server_context
 from .transfer import export_volume, import_volume
 from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, RETRY_TIME_LIMIT, EmulatedClient, Faults, VolumeClient, VolumeOpenError
@@ -45,6 +47,8 @@ app = typer.Typer(
 )
 volume_app = typer.Typer(no_args_is_help=True, help="Manage the volumes of the embedded cluster.")
 app.add_typer(volume_app, name="volume")
+export_app = typer.Typer(no_args_is_help=True, help="Manage the exports of a running server (its --control socket).")
+app.add_typer(export_app, name="export")
 
 
 # click's UsageError, whether typer vendors click or uses the installed one.
@@ -112,6 +116,10 @@ def volume_list(
     rows = [("NAME", "SIZE", "REPLICAS", "ID", "SNAPSHOTS")]
     rows += [(v.name, human_size(v.size), str(v.replicas), str(v.id),
               ",".join(s.name for s in v.snapshots) or "-") for v in volumes]
+    _print_table(rows)
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -250,6 +258,12 @@ def serve(
     retry_timeout: Annotated[float, typer.Option(
         "--retry-timeout", help="Seconds to keep resubmitting I/O that PureFlash calls transient "
                                 "(busy, connection lost) before answering EIO.")] = RETRY_TIME_LIMIT,
+    control: Annotated[Optional[Path], typer.Option(
+        "--control", help="Serve QMP on this Unix socket (mode 600): exports added, removed "
+                          "and throttled at run time.")] = None,
+    throttle: Annotated[Optional[str], typer.Option(
+        "--throttle", help="I/O limits of each --volume export, as QEMU's block_set_io_throttle "
+                           "names them: e.g. bps=4M,iops_wr=100,bps_max=8M.")] = None,
 ) -> None:
     """Serve volumes over NBD until SIGTERM or SIGINT; SIGUSR1 logs statistics.
 
@@ -293,11 +307,35 @@ def serve(
     specs = [ExportSpec(name, describe(name)) for name in names]  # fails early on a missing volume
     if retry_timeout < 0:
         raise CliError("--retry-timeout must not be negative")
-    trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout)
+    limits = parse_limits(throttle or "")
+    trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout, control, limits)
     # Stopped cleanly: a late SIGTERM while the interpreter exits must not turn
     # that into death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def parse_limits(text: str) -> Limits:
+    """`bps=4M,iops=100`: QEMU's limit names, byte rates with K/M/G/T suffixes."""
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals or key not in LIMITS + BURSTS:
+            raise CliError(f"invalid --throttle item {item!r}: give NAME=VALUE with NAME one of "
+                           + ", ".join(LIMITS + BURSTS))
+        values[key] = _rate(key, value)
+    try:
+        return Limits(values)
+    except ThrottleError as error:
+        raise CliError(f"--throttle: {error}") from None
+
+
+def _rate(key: str, text: str) -> int:
+    match = SIZE.fullmatch(text.strip())
+    if not match or (match[2] and key.startswith("iops")):
+        raise CliError(f"invalid {key} {text!r}: give a number" + (
+            "" if key.startswith("iops") else ", with K, M, G or T for bytes"))
+    return int(match[1]) << SUFFIX_SHIFT[match[2].upper()]
 
 
 def _emulated_exports(store: Store, volumes: list[str] | None, all_volumes: bool) -> list[str]:
@@ -394,31 +432,113 @@ class SystemdListen(Listen):
 
 async def _serve(
     client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool, policy: Policy,
-    pid_file: Path | None, retry_timeout: float,
+    pid_file: Path | None, retry_timeout: float, control_path: Path | None = None,
+    limits: Limits = Limits(),
 ) -> None:
     shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
     # may already ask us to stop.
     _shut_down_on_signals(shutdown)
     listeners = await listen.open()  # before the exports: a socket in use fails at once
+    control_listener = None
     try:
+        if control_path is not None:
+            control_listener = await open_unix_listener(control_path)  # 0600 whatever the umask
         async with open_exports(client, specs, read_only, retry_timeout) as exports:
             server = Server(exports, policy)
+            for export in exports:
+                export.throttle.set(limits)
             _on_signals([signal.SIGUSR1], lambda signum: _log_lines(server.stats()))
-            if pid_file is not None:  # once it can take our signals
-                write_pid_file(pid_file)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.run, listeners, shutdown)
-                log.info("%s", logfmt(
-                    "serving", exports=",".join(spec.name for spec in specs),
-                    listen=",".join(listen.describe(listeners)),
-                    tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
-                    max_connections=policy.max_connections))
+            async with ExportControl.open(server, exports, client, shutdown, read_only=read_only,
+                                          retry_time_limit=retry_timeout) as export_control:
+                if pid_file is not None:  # once it can take our signals
+                    write_pid_file(pid_file)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(server.run, listeners, shutdown)
+                    if control_listener is not None:
+                        await nursery.start(serve_control, control_listener, export_control, shutdown)
+                    log.info("%s", logfmt(
+                        "serving", exports=",".join(spec.name for spec in specs),
+                        listen=",".join(listen.describe(listeners)),
+                        tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
+                        max_connections=policy.max_connections, control=control_path))
             _log_lines(server.stats())
     finally:
         listen.remove()
+        if control_listener is not None:
+            remove_socket(control_path)
         if pid_file is not None:
             remove_pid_file(pid_file)
+
+
+ControlOption = Annotated[Path, typer.Option("--control", "-c", help="The server's --control socket.")]
+
+
+def _control(path: Path, command: str, arguments: dict | None = None) -> object:
+    try:
+        return call(path, command, arguments)
+    except ControlError as error:
+        raise CliError(str(error)) from None
+
+
+@export_app.command("add")
+def export_add(
+    node: Annotated[str, typer.Argument(help="VOLUME or VOLUME@SNAPSHOT.")],
+    control: ControlOption,
+    export_id: Annotated[Optional[str], typer.Option("--id", help="The export's id (default: its name).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="The export name clients ask for (default: NODE).")] = None,
+    writable: Annotated[bool, typer.Option("--writable", "-w", help="Accept writes.")] = False,
+    description: Annotated[str, typer.Option("--description", help="What NBD_OPT_LIST shows.")] = "",
+) -> None:
+    """Export a volume or snapshot from a running server."""
+    name = name or node
+    _control(control, "block-export-add", {"type": "nbd", "id": export_id or name, "node-name": node,
+                                           "name": name, "writable": writable, "description": description})
+    typer.echo(f"added export {export_id or name}")
+
+
+@export_app.command("del")
+def export_del(
+    export_id: Annotated[str, typer.Argument(help="The export's id.")],
+    control: ControlOption,
+    hard: Annotated[bool, typer.Option("--hard", help="Disconnect its clients once their requests "
+                                                      "in flight are answered (default: refuse while any is connected).")] = False,
+) -> None:
+    """Remove an export."""
+    _control(control, "block-export-del", {"id": export_id, "mode": "hard" if hard else "safe"})
+    typer.echo(f"deleting export {export_id}")
+
+
+@export_app.command("list")
+def export_list(
+    control: ControlOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the exports of a running server, with their clients and limits."""
+    exports = _control(control, "query-block-exports")
+    throttles = {t["id"]: t for t in _control(control, "x-pfnbd-query-io-throttle")}
+    if as_json:
+        typer.echo(json.dumps([{**e, "throttle": throttles.get(e["id"], {})} for e in exports], indent=2))
+        return
+    rows = [("ID", "NODE", "NAME", "WRITABLE", "CLIENTS", "STATE", "THROTTLE")]
+    for e in exports:
+        limits = ",".join(f"{k}={v}" for k, v in throttles.get(e["id"], {}).items() if k != "id" and v)
+        rows.append((e["id"], e["node-name"], e["x-pfnbd-name"], "yes" if e["x-pfnbd-writable"] else "no",
+                     str(e["x-pfnbd-clients"]), "deleting" if e["shutting-down"] else "serving", limits or "-"))
+    _print_table(rows)
+
+
+@export_app.command("throttle")
+def export_throttle(
+    export_id: Annotated[str, typer.Argument(help="The export's id.")],
+    limits: Annotated[str, typer.Argument(help="e.g. bps=4M,iops_wr=100; empty lifts every limit.")],
+    control: ControlOption,
+) -> None:
+    """Set an export's I/O limits, live: its clients need not reconnect."""
+    values = parse_limits(limits).values
+    _control(control, "block_set_io_throttle",
+             {"id": export_id, **{name: values.get(name, 0) for name in LIMITS + BURSTS}})
+    typer.echo(f"throttled export {export_id}: {limits or 'unlimited'}")
 
 
 def _shut_down_on_signals(shutdown: trio.Event) -> None:
