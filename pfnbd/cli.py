@@ -449,10 +449,10 @@ async def _serve(
             for export in exports:
                 export.throttle.set(limits)
             _on_signals([signal.SIGUSR1], lambda signum: _log_lines(server.stats()))
+            if pid_file is not None:  # once it can take our signals
+                write_pid_file(pid_file)
             async with ExportControl.open(server, exports, client, shutdown, read_only=read_only,
                                           retry_time_limit=retry_timeout) as export_control:
-                if pid_file is not None:  # once it can take our signals
-                    write_pid_file(pid_file)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.run, listeners, shutdown)
                     if control_listener is not None:

@@ -238,20 +238,18 @@ class Arguments:
 
 @attrs.define(eq=False)
 class _Entry:
-    """One block export: what the server serves, and whether its bridge is ours to close."""
-
     export: Export
     node_name: str
-    owns_bridge: bool
     shutting_down: bool = False
 
 
 class ExportControl:
     """QEMU's block export commands over a running `Server`.
 
-    Owns the bridges of the exports it opened (`block-export-add`): each is closed
-    once its export is deleted and its connections have ended, or when the control
-    closes.  Exports from the command line stay `open_exports`'s.
+    Closes an export's bridge once the export is deleted and its connections have
+    ended (so the volume can be opened again), and every bridge left when the
+    control closes.  A bridge closes once: `open_exports` closing the command
+    line's again changes nothing.
     """
 
     def __init__(
@@ -286,14 +284,13 @@ class ExportControl:
         async with trio.open_nursery() as nursery:
             control = cls(server, client, nursery, shutdown, **options)
             for export in exports:
-                control._entries[export.info.name] = _Entry(export, export.info.name, owns_bridge=False)
+                control._entries[export.info.name] = _Entry(export, export.info.name)
             try:
                 yield control
             finally:
                 nursery.cancel_scope.cancel()
                 for entry in control._entries.values():
-                    if entry.owns_bridge:
-                        entry.export.bridge.close()
+                    entry.export.bridge.close()
 
     # -- events ------------------------------------------------------------
 
@@ -356,7 +353,7 @@ class ExportControl:
             raise QmpError("Cannot export read-only node as writable")
         export = make_export(ExportSpec(name, description), bridge, read_only=not writable)
         self._server.add_export(export)
-        self._entries[export_id] = _Entry(export, node_name, owns_bridge=True)
+        self._entries[export_id] = _Entry(export, node_name)
         log.info("export added: id=%s node=%s name=%s writable=%s", export_id, node_name, name,
                  "yes" if writable else "no")
         return {}
@@ -386,8 +383,7 @@ class ExportControl:
         bridge is closed and BLOCK_EXPORT_DELETED goes out."""
         await self._server.remove_export(entry.export.info.name)
         del self._entries[export_id]
-        if entry.owns_bridge:
-            entry.export.bridge.close()
+        entry.export.bridge.close()
         log.info("export deleted: id=%s", export_id)
         self.emit("BLOCK_EXPORT_DELETED", {"id": export_id})
 
