@@ -261,9 +261,10 @@ def serve(
     control: Annotated[Optional[Path], typer.Option(
         "--control", help="Serve QMP on this Unix socket (mode 600): exports added, removed "
                           "and throttled at run time.")] = None,
-    throttle: Annotated[Optional[str], typer.Option(
-        "--throttle", help="I/O limits of each --volume export, as QEMU's block_set_io_throttle "
-                           "names them: e.g. bps=4M,iops_wr=100,bps_max=8M.")] = None,
+    throttle: Annotated[Optional[list[str]], typer.Option(
+        "--throttle", help="[EXPORT:]LIMITS: I/O limits of one export, or of each, as QEMU's "
+                           "block_set_io_throttle names them: e.g. test_v1:bps=4M,iops_wr=100 "
+                           "(repeatable).")] = None,
 ) -> None:
     """Serve volumes over NBD until SIGTERM or SIGINT; SIGUSR1 logs statistics.
 
@@ -307,7 +308,7 @@ def serve(
     specs = [ExportSpec(name, describe(name)) for name in names]  # fails early on a missing volume
     if retry_timeout < 0:
         raise CliError("--retry-timeout must not be negative")
-    limits = parse_limits(throttle or "")
+    limits = _export_limits(throttle or [], names)
     trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout, control, limits)
     # Stopped cleanly: a late SIGTERM while the interpreter exits must not turn
     # that into death by signal.
@@ -328,6 +329,18 @@ def parse_limits(text: str) -> Limits:
         return Limits(values)
     except ThrottleError as error:
         raise CliError(f"--throttle: {error}") from None
+
+
+def _export_limits(options: list[str], names: list[str]) -> dict[str, Limits]:
+    """Export name -> its limits, from `--throttle [EXPORT:]LIMITS` options."""
+    limits = {}
+    for option in options:
+        export, colon, text = option.rpartition(":")
+        if colon and export not in names:
+            raise CliError(f"--throttle {option}: no export named {export!r}")
+        for name in [export] if colon else names:
+            limits[name] = parse_limits(text)
+    return limits
 
 
 def _rate(key: str, text: str) -> int:
@@ -433,7 +446,7 @@ class SystemdListen(Listen):
 async def _serve(
     client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool, policy: Policy,
     pid_file: Path | None, retry_timeout: float, control_path: Path | None = None,
-    limits: Limits = Limits(),
+    limits: dict[str, Limits] | None = None,
 ) -> None:
     shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
@@ -447,7 +460,7 @@ async def _serve(
         async with open_exports(client, specs, read_only, retry_timeout) as exports:
             server = Server(exports, policy)
             for export in exports:
-                export.throttle.set(limits)
+                export.throttle.set((limits or {}).get(export.info.name, Limits()))
             _on_signals([signal.SIGUSR1], lambda signum: _log_lines(server.stats()))
             if pid_file is not None:  # once it can take our signals
                 write_pid_file(pid_file)

@@ -23,6 +23,9 @@ LIMITS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
 BURSTS = tuple(f"{name}_max" for name in LIMITS)
 BURST_LENGTHS = tuple(f"{name}_max_length" for name in LIMITS)
 DEFAULT_BURST_DIVISOR = 10  # QEMU's throttle_fix_bucket: no max means avg / 10
+# Waits shorter than this are none: a deadline of now plus a rounding error is now,
+# and a bucket refilled over no time would stay in debt forever.
+NEGLIGIBLE_WAIT = 1e-6
 
 
 class ThrottleError(ValueError):
@@ -119,7 +122,7 @@ class Throttle:
                 for bucket in buckets:
                     bucket.refill(now)
                 wait = max((bucket.wait() for bucket in buckets), default=0.0)
-                if wait <= 0:
+                if wait < NEGLIGIBLE_WAIT:
                     for bucket in buckets:
                         bucket.tokens -= length if bucket.counts_bytes else 1
                     return
