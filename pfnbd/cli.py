@@ -21,6 +21,7 @@ import typer
 
 from . import protocol as p
 from .control import ControlError, ExportControl, call, serve_control
+from .metrics import parse_address, serve_metrics
 from .negotiation import TlsMode
 from .pureflash import LIBRARY_ENV, PureFlashClient
 from .server import (
@@ -265,6 +266,8 @@ def serve(
         "--throttle", help="[EXPORT:]LIMITS: I/O limits of one export, or of each, as QEMU's "
                            "block_set_io_throttle names them: e.g. test_v1:bps=4M,iops_wr=100 "
                            "(repeatable).")] = None,
+    metrics: Annotated[Optional[str], typer.Option(
+        "--metrics", help=f"Serve Prometheus /metrics on [ADDR:]PORT (ADDR defaults to {DEFAULT_BIND}).")] = None,
 ) -> None:
     """Serve volumes over NBD until SIGTERM or SIGINT; SIGUSR1 logs statistics.
 
@@ -309,7 +312,12 @@ def serve(
     if retry_timeout < 0:
         raise CliError("--retry-timeout must not be negative")
     limits = _export_limits(throttle or [], names)
-    trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout, control, limits)
+    try:
+        metrics_address = None if metrics is None else parse_address(metrics, DEFAULT_BIND)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout, control, limits,
+             metrics_address)
     # Stopped cleanly: a late SIGTERM while the interpreter exits must not turn
     # that into death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -446,14 +454,14 @@ class SystemdListen(Listen):
 async def _serve(
     client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool, policy: Policy,
     pid_file: Path | None, retry_timeout: float, control_path: Path | None = None,
-    limits: dict[str, Limits] | None = None,
+    limits: dict[str, Limits] | None = None, metrics_address: tuple[str, int] | None = None,
 ) -> None:
     shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
     # may already ask us to stop.
     _shut_down_on_signals(shutdown)
     listeners = await listen.open()  # before the exports: a socket in use fails at once
-    control_listener = None
+    control_listener = metrics_server = None
     try:
         if control_path is not None:
             control_listener = await open_unix_listener(control_path)  # 0600 whatever the umask
@@ -462,6 +470,12 @@ async def _serve(
             for export in exports:
                 export.throttle.set((limits or {}).get(export.info.name, Limits()))
             _on_signals([signal.SIGUSR1], lambda signum: _log_lines(server.stats()))
+            if metrics_address is not None:
+                try:
+                    metrics_server = serve_metrics(server, *metrics_address)
+                except OSError as error:
+                    raise ListenError(f"cannot serve metrics on {metrics_address[0]}:{metrics_address[1]}: "
+                                      f"{error.strerror or error}") from None
             if pid_file is not None:  # once it can take our signals
                 write_pid_file(pid_file)
             async with ExportControl.open(server, exports, client, shutdown, read_only=read_only,
@@ -474,9 +488,12 @@ async def _serve(
                         "serving", exports=",".join(spec.name for spec in specs),
                         listen=",".join(listen.describe(listeners)),
                         tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
-                        max_connections=policy.max_connections, control=control_path))
+                        max_connections=policy.max_connections, control=control_path,
+                        metrics=None if metrics_server is None else "{}:{}".format(*metrics_server.server_address)))
             _log_lines(server.stats())
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         listen.remove()
         if control_listener is not None:
             remove_socket(control_path)

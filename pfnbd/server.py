@@ -156,6 +156,22 @@ class _ExportTotals:
             self.counters[key] += value
 
 
+@attrs.frozen
+class ExportStats:
+    name: str
+    connections: int  # ever, the active ones included
+    active: int
+    counters: dict[str, int]  # the fields of `Counters`
+
+
+@attrs.frozen
+class ServerStats:
+    accepted: int
+    active: int
+    refused: int
+    exports: list[ExportStats]
+
+
 class Server:
     def __init__(self, exports: Sequence[Export], policy: Policy = Policy()) -> None:
         # Exports can be added and removed at run time (the control socket).  `_infos`
@@ -297,10 +313,9 @@ class Server:
         if connection.transmission is not None:
             totals.add(connection.transmission.counters)
 
-    def stats(self) -> list[str]:
-        """`stats` log lines: the server's connections, then each export's counters."""
-        lines = [logfmt("stats", accepted=self._accepted, active=len(self._connections),
-                        refused=self._refused)]
+    def snapshot(self) -> ServerStats:
+        """The server's counters now, ended connections and active ones together."""
+        exports = []
         for name, ended in self._totals.items():
             totals = _ExportTotals(ended.connections, dict(ended.counters))
             active = [c for c in self._connections if c.export == name]
@@ -308,8 +323,17 @@ class Server:
                 totals.connections += 1
                 if connection.transmission is not None:
                     totals.add(connection.transmission.counters)
-            lines.append(logfmt("stats", export=name, connections=totals.connections,
-                                active=len(active), **totals.counters))
+            exports.append(ExportStats(name, totals.connections, len(active), totals.counters))
+        return ServerStats(self._accepted, len(self._connections), self._refused, exports)
+
+    def stats(self) -> list[str]:
+        """`stats` log lines: the server's connections, then each export's counters."""
+        snapshot = self.snapshot()
+        lines = [logfmt("stats", accepted=snapshot.accepted, active=snapshot.active,
+                        refused=snapshot.refused)]
+        for export in snapshot.exports:
+            lines.append(logfmt("stats", export=export.name, connections=export.connections,
+                                active=export.active, **export.counters))
         return lines
 
 
