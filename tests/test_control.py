@@ -376,3 +376,27 @@ def test_session_serves_only_capabilities_before_negotiation():
     assert json.loads(session.receive(b'{"execute": "echo", "arguments": {"x": 2}}')[0]) == {"return": {"x": 2}}
     again = json.loads(session.receive(b'{"execute": "qmp_capabilities"}')[0])
     assert again["error"]["class"] == "CommandNotFound"
+
+
+def test_negotiation_looks_exports_up_in_the_live_table():
+    from pfnbd import protocol as p
+    from pfnbd.negotiation import ExportInfo, Negotiation
+
+    def info(name: str) -> ExportInfo:
+        return ExportInfo(name, "", 1 << 20, p.TransmissionFlags.HAS_FLAGS)
+
+    def reply_type(outcome) -> int:
+        return p.option_reply_header.parse(outcome.replies[-1]).type
+
+    table = {"first": info("first")}
+    negotiation = Negotiation(table)
+    negotiation.receive_client_flags(p.client_flags.build(dict(flags=p.ClientFlags.FIXED_NEWSTYLE)))
+    table["added"] = info("added")  # after the client connected
+    asking = p.info_request.build(dict(name="added", requests=[]))
+    assert reply_type(negotiation.receive_option(p.Option.INFO, asking)) == p.OptionReply.ACK
+    del table["first"]
+    # The default export is the first one left.
+    default = negotiation.receive_option(p.Option.INFO, p.info_request.build(dict(name="", requests=[])))
+    assert reply_type(default) == p.OptionReply.ACK
+    del table["added"]
+    assert reply_type(negotiation.receive_option(p.Option.GO, asking)) == p.OptionReply.ERR_UNKNOWN
