@@ -44,12 +44,16 @@ class ServerCollector:
                                                  labels=["export"]),
         }
         connections = GaugeMetricFamily("pfnbd_connections", "Connections open", labels=["export"])
+        in_flight = GaugeMetricFamily("pfnbd_requests_in_flight", "Requests read and not answered yet",
+                                      labels=["export"])
         for export in snapshot.exports:
             for key, family in per_export.items():
                 family.add_metric([export.name], export.counters[key])
             connections.add_metric([export.name], export.active)
+            in_flight.add_metric([export.name], export.in_flight)
         yield from per_export.values()
         yield connections
+        yield in_flight
         yield CounterMetricFamily("pfnbd_connections_accepted", "Connections accepted", value=snapshot.accepted)
         yield CounterMetricFamily("pfnbd_connections_refused", "Connections refused by --max-connections",
                                   value=snapshot.refused)

@@ -162,6 +162,7 @@ class ExportStats:
     connections: int  # ever, the active ones included
     active: int
     counters: dict[str, int]  # the fields of `Counters`
+    in_flight: int  # requests read and not answered yet
 
 
 @attrs.frozen
@@ -319,11 +320,13 @@ class Server:
         for name, ended in self._totals.items():
             totals = _ExportTotals(ended.connections, dict(ended.counters))
             active = [c for c in self._connections if c.export == name]
+            in_flight = 0
             for connection in active:
                 totals.connections += 1
                 if connection.transmission is not None:
                     totals.add(connection.transmission.counters)
-            exports.append(ExportStats(name, totals.connections, len(active), totals.counters))
+                    in_flight += connection.transmission.in_flight
+            exports.append(ExportStats(name, totals.connections, len(active), totals.counters, in_flight))
         return ServerStats(self._accepted, len(self._connections), self._refused, exports)
 
     def stats(self) -> list[str]:

@@ -294,6 +294,11 @@ class Transmission:
         finally:
             self._ended = True  # completions still to come have nobody to answer
 
+    @property
+    def in_flight(self) -> int:
+        """Requests read and not answered yet (for metrics)."""
+        return self._in_flight
+
     def shut_down(self) -> None:
         """Server shutdown: finish what is in flight, answer anything new with
         ESHUTDOWN, and end the connection once nothing is in flight."""

@@ -11,7 +11,9 @@ import urllib.request
 
 import pytest
 
-from conftest import require
+from conftest import SYSTEM_PYTHON, require
+from test_control import WRITES_IN_FLIGHT
+from test_libnbd_clients import LIBNBD_HELPERS
 from test_cli import free_loopback_port, hold_connection
 from test_qemu_clients import qemu_io
 
@@ -90,3 +92,21 @@ def test_prometheus_scrapes_counters_equal_to_what_clients_did(start_server, pro
     finally:
         client.kill()
         client.wait()
+
+
+def test_prometheus_sees_the_requests_in_flight(start_server, prometheus):
+    metrics_port = free_loopback_port()
+    # Every completion takes 8 s: the writes stay in flight while Prometheus scrapes.
+    server = start_server({"test_v1": "16M"}, "--metrics", f"127.0.0.1:{metrics_port}",
+                          "--inject-delay", "8")
+    query = prometheus(f"127.0.0.1:{metrics_port}")
+    writer = subprocess.Popen([SYSTEM_PYTHON, "-c", LIBNBD_HELPERS + WRITES_IN_FLIGHT, server.uri(), "12"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "issued\n", writer.stderr.read()
+        wait_for_values(query, "pfnbd_requests_in_flight", {(("export", "test_v1"),): 12})
+        outcomes = json.loads(writer.communicate(timeout=60)[0].splitlines()[-1])["outcomes"]
+    finally:
+        writer.kill()
+    assert outcomes == ["ok"] * 12
+    wait_for_values(query, "pfnbd_requests_in_flight", {(("export", "test_v1"),): 0})
