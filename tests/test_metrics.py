@@ -4,6 +4,7 @@ pfnbd, and its query API returns counters equal to what the clients did."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -110,3 +111,17 @@ def test_prometheus_sees_the_requests_in_flight(start_server, prometheus):
         writer.kill()
     assert outcomes == ["ok"] * 12
     wait_for_values(query, "pfnbd_requests_in_flight", {(("export", "test_v1"),): 0})
+
+
+def test_metrics_mistakes_get_one_line(cli, tmp_path):
+    cli.run("volume", "create", "test_v1", "--size", "16M")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        for value, words in [("port", "[ADDR:]PORT"), ("70000", "[ADDR:]PORT"), (busy, "cannot serve metrics")]:
+            result = cli.run("serve", "--socket", str(tmp_path / "nbd.sock"), "--volume", "test_v1",
+                             "--metrics", value, check=False)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 1 and len(lines) == 1 and words in lines[0], result.stderr
+            assert not (tmp_path / "nbd.sock").exists()
