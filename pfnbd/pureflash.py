@@ -1,9 +1,8 @@
 """The real PureFlash client library behind the `VolumeBackend` interface.
 
-`PureFlashClient` loads the user's shared build of `libs5common` (PureFlash builds only a
-static archive: link one from it with `-shared -Wl,--whole-archive libs5common.a
--Wl,--no-whole-archive` plus its dependencies) and opens volumes of a real cluster with
-`pf_open_volume`; `PureFlashVolume` submits with `pf_iov_submit` and hands each
+`PureFlashClient` loads a shared build of `libs5common` (PureFlash builds only a static
+archive; `scripts/pureflash-cluster build` links the shared one, see the README) and opens
+volumes of a real cluster with `pf_open_volume`; `PureFlashVolume` submits with `pf_iov_submit` and hands each
 completion, which arrives on the library's own thread (`vol_proc`), to the bridge's
 callback exactly as `EmulatedVolume` does.
 
@@ -205,6 +204,8 @@ class PureFlashVolume:
     """An open volume of a real cluster, as a `VolumeBackend`."""
 
     can_discard = False  # the library has no trim: the bridge writes zeros instead
+    dirty_bitmaps = ()  # the client API cannot tell what changed since a snapshot,
+    has_depths = False  # nor where a snapshot's data lies
 
     def __init__(self, library: ctypes.CDLL, handle: int, name: str, snap: str | None) -> None:
         self._library = library
@@ -251,6 +252,12 @@ class PureFlashVolume:
     def allocation(self, offset: int, length: int) -> Iterator[Extent]:
         """The library cannot tell what was never written: all of it is data."""
         yield Extent(offset, length, True)
+
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]:
+        raise OSError(errno.ENOTSUP, "the PureFlash client API cannot tell what changed")
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        raise OSError(errno.ENOTSUP, "the PureFlash client API cannot tell allocation depth")
 
     def flush(self) -> None:
         """Nothing to do: an acknowledged write is already on every replica."""

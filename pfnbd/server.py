@@ -105,7 +105,11 @@ async def open_exports(
 def make_export(spec: ExportSpec, bridge: VolumeBridge, read_only: bool) -> Export:
     """The export of an open volume: read-only if asked, or if the volume is."""
     export_read_only = read_only or bridge.backend.read_only
-    info = ExportInfo(spec.name, spec.description, bridge.size, export_flags(export_read_only))
+    contexts = (p.BASE_ALLOCATION,
+                *([p.QEMU_ALLOCATION_DEPTH] if bridge.backend.has_depths else []),
+                *(p.QEMU_DIRTY_BITMAP + snapshot for snapshot in bridge.backend.dirty_bitmaps))
+    info = ExportInfo(spec.name, spec.description, bridge.size, export_flags(export_read_only),
+                      contexts=contexts)
     return Export(info, bridge, export_read_only)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ContextManager
 
-from .store import SECTOR, HeadImage, SnapshotImage, Store, StoreError, file_extents
+from .store import SECTOR, HeadImage, SnapshotImage, Store, StoreError, file_extents, write_all
 
 BLOCK = 1 << 20
 _ZEROES = bytes(BLOCK)
@@ -130,7 +130,7 @@ def _copy_out(image: HeadImage | SnapshotImage, fd: int, progress: Progress) -> 
         return bytes(buffer)
 
     for offset, data in _data_blocks(image.extents(0, image.size), read):
-        os.pwrite(fd, data, offset)
+        write_all(fd, [data], offset)
         progress(offset + len(data) - covered)
         covered = offset + len(data)
     progress(image.size - covered)

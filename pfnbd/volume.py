@@ -27,12 +27,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Protocol
+from functools import partial
+from typing import Protocol, TypeVar
 
 import attrs
 import trio
 
-from .store import Extent, HeadImage, SnapshotImage, Store
+from .store import Extent, HeadImage, ReadOnlyHead, SnapshotImage, Store, StoreError, split_snapshot_name
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ S5_LIB_VER = 0x00010000
 DEFAULT_IO_DEPTH = 120
 SECTOR = 512
 
+T = TypeVar("T")
 IoHandler = Callable[[object, int], None]  # ulp_io_handler(cbk_arg, complete_status)
 NO_DATA = memoryview(b"")
 
@@ -60,13 +62,18 @@ class VolumeBackend(Protocol):
     so it says no and the bridge writes zeros); `allocation` reports what was never
     written (the real library reports everything allocated); `flush` makes completed
     writes durable (a no-op for the real library: an acknowledged write is already
-    on its replicas).
+    on its replicas); `changes(since, ...)` reports where the volume may differ from
+    its snapshot `since`, for each snapshot in `dirty_bitmaps`, and `depths` which
+    layer of a snapshot's chain each byte comes from, where `has_depths` (neither
+    for the real library, whose client API cannot tell).
     """
 
     name: str  # VOLUME or VOLUME@SNAP, for the log
     size: int
     read_only: bool
     can_discard: bool
+    dirty_bitmaps: Sequence[str]  # older snapshots `changes` can compare with
+    has_depths: bool
 
     def iov_submit(
         self, iov: Sequence[memoryview], length: int, offset: int,
@@ -76,6 +83,10 @@ class VolumeBackend(Protocol):
     def discard_submit(self, offset: int, length: int, callback: IoHandler, cbk_arg: object) -> int: ...
 
     def allocation(self, offset: int, length: int) -> Iterator[Extent]: ...
+
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]: ...
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]: ...
 
     def flush(self) -> None: ...
 
@@ -128,10 +139,12 @@ class Faults:
 class EmulatedClient:
     """`pf_open_volume` against the embedded cluster in a data directory."""
 
-    def __init__(self, store: Store, io_depth: int = DEFAULT_IO_DEPTH, faults: Faults = Faults()) -> None:
+    def __init__(self, store: Store, io_depth: int = DEFAULT_IO_DEPTH, faults: Faults = Faults(),
+                 read_only: bool = False) -> None:
         self.store = store
         self.io_depth = io_depth
         self.faults = faults
+        self.read_only = read_only  # heads open read-only too, taking no writer's lock
 
     def open_volume(self, name: str, snap: str | None = None, lib_ver: int = S5_LIB_VER) -> EmulatedVolume:
         """Opens a volume's head, or read-only one of its snapshots."""
@@ -140,15 +153,22 @@ class EmulatedClient:
         if not 0 < self.io_depth <= PF_MAX_IO_DEPTH:
             raise VolumeOpenError(f"io_depth must be 1..{PF_MAX_IO_DEPTH}")
         export = f"{name}@{snap}" if snap else name
-        return EmulatedVolume(self.store.open_image(export), export, self.io_depth, self.faults)
+        return EmulatedVolume(self.store, self.store.open_image(export, self.read_only), export,
+                              self.io_depth, self.faults)
 
 
 class EmulatedVolume:
     can_discard = True
 
-    def __init__(self, image: HeadImage | SnapshotImage, name: str, io_depth: int,
+    def __init__(self, store: Store, image: HeadImage | ReadOnlyHead | SnapshotImage, name: str, io_depth: int,
                  faults: Faults = Faults()) -> None:
+        self._store = store
         self._image = image
+        self._volume, self._snapshot = split_snapshot_name(name)
+        meta = store.get(self._volume)
+        older = meta.snapshots[: meta.snapshot_index(self._snapshot)] if self._snapshot else meta.snapshots
+        self.dirty_bitmaps = tuple(snapshot.name for snapshot in older)
+        self.has_depths = isinstance(image, SnapshotImage)
         self._faults = faults
         self._random = random.Random(faults.seed)
         self.name = name
@@ -211,6 +231,15 @@ class EmulatedVolume:
 
     def allocation(self, offset: int, length: int) -> Iterator[Extent]:
         return self._image.extents(offset, length)
+
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]:
+        try:
+            yield from self._store.changes(self._volume, since, self._snapshot, offset, length)
+        except StoreError as error:  # `since` deleted meanwhile
+            raise OSError(errno.ENOENT, str(error)) from None
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        return self._image.depths(offset, length)
 
     def flush(self) -> None:
         self._image.sync()
@@ -454,6 +483,7 @@ def _overlap(spans: Iterable[tuple[int, int]], span: tuple[int, int]) -> bool:
 
 
 ZEROES = memoryview(bytes(PF_MAX_IO_SIZE))
+ZERO_PIECE = 16 << 20  # WRITE_ZEROES and TRIM work, and hold their range, this much at a time
 CACHE_CHUNK = 64 * PF_MAX_IO_SIZE  # a CACHE request reads this much at a time
 EAGAIN_FIRST_DELAY = 50e-6
 EAGAIN_MAX_DELAY = 10e-3
@@ -651,8 +681,21 @@ class VolumeBridge:
         await self._transfer(start, buffers, is_write=True)
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
-        """Zeroes a range; with `may_trim`, whole sectors may be released instead."""
+        """Zeroes a range; with `may_trim`, whole sectors may be released instead.
+
+        ZERO_PIECE at a time, each piece under its own hold of its range: however
+        large the request, it keeps a range from other writers, and memory, only for
+        as long as one piece takes."""
         self._refuse_if_flush_failed()
+        end = offset + length
+        while offset < end:
+            piece_end = min(end, align_down(offset) + ZERO_PIECE)
+            await self._write_zeroes_piece(offset, piece_end - offset, may_trim)
+            offset = piece_end
+        if fua:
+            await self.flush()
+
+    async def _write_zeroes_piece(self, offset: int, length: int, may_trim: bool) -> None:
         start, end = align_down(offset), align_up(offset + length)
         async with self._mutations.hold(start, end):
             if not (may_trim and self.backend.can_discard):
@@ -665,8 +708,6 @@ class VolumeBridge:
                     await self._write_zeroes_locked(offset, inner_start - offset, skip_holes=False)
                     await self._discard(inner_start, inner_end - inner_start)
                     await self._write_zeroes_locked(inner_end, offset + length - inner_end, skip_holes=False)
-        if fua:
-            await self.flush()
 
     async def _write_zeroes_locked(self, offset: int, length: int, skip_holes: bool) -> None:
         if length == 0:
@@ -707,8 +748,19 @@ class VolumeBridge:
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         """The allocation of a range; a failure to learn it raises `VolumeIOError`."""
+        return self._block_status(self.backend.allocation, offset, length)
+
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]:
+        """Where the volume may differ from its snapshot `since` (`allocated`: changed)."""
+        return self._block_status(partial(self.backend.changes, since), offset, length)
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """(length, depth) runs of a snapshot's allocation depth."""
+        return self._block_status(self.backend.depths, offset, length)
+
+    def _block_status(self, source: Callable[[int, int], Iterator[T]], offset: int, length: int) -> Iterator[T]:
         try:
-            yield from self.backend.allocation(offset, length)
+            yield from source(offset, length)
         except OSError as error:
             log.error("block status of %s at %d+%d failed: %s", self.backend.name, offset, length, error)
             raise VolumeIOError(-(error.errno or errno.EIO)) from error
