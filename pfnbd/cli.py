@@ -20,6 +20,8 @@ import trio
 import typer
 
 from . import protocol as p
+from .control import ControlError, ExportControl, call, serve_control
+from .metrics import parse_address, serve_metrics
 from .negotiation import TlsMode
 from .conductor import Conductor
 from .pureflash import DEFAULT_CONF, LIBRARY_ENV, PureFlashClient
@@ -28,6 +30,7 @@ from .server import (
     open_tcp_listeners, open_unix_listener, remove_socket, systemd_listeners,
 )
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size
+from .throttle import BURSTS, LIMITS, Limits, ThrottleError
 from .tls import TlsConfigError, server_context
 from .transfer import export_volume, import_volume
 from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, RETRY_TIME_LIMIT, EmulatedClient, Faults, VolumeClient, VolumeOpenError
@@ -46,6 +49,8 @@ app = typer.Typer(
 )
 volume_app = typer.Typer(no_args_is_help=True, help="Manage the volumes of the embedded cluster, or with --backend pureflash a real one.")
 app.add_typer(volume_app, name="volume")
+export_app = typer.Typer(no_args_is_help=True, help="Manage the exports of a running server (its --control socket).")
+app.add_typer(export_app, name="export")
 
 
 # click's UsageError, whether typer vendors click or uses the installed one.
@@ -306,6 +311,15 @@ def serve(
     retry_timeout: Annotated[float, typer.Option(
         "--retry-timeout", help="Seconds to keep resubmitting I/O that PureFlash calls transient "
                                 "(busy, connection lost) before answering EIO.")] = RETRY_TIME_LIMIT,
+    control: Annotated[Optional[Path], typer.Option(
+        "--control", help="Serve QMP on this Unix socket (mode 600): exports added, removed "
+                          "and throttled at run time.")] = None,
+    throttle: Annotated[Optional[list[str]], typer.Option(
+        "--throttle", help="[EXPORT:]LIMITS: I/O limits of one export, or of each, as QEMU's "
+                           "block_set_io_throttle names them: e.g. test_v1:bps=4M,iops_wr=100 "
+                           "(repeatable).")] = None,
+    metrics: Annotated[Optional[str], typer.Option(
+        "--metrics", help=f"Serve Prometheus /metrics on [ADDR:]PORT (ADDR defaults to {DEFAULT_BIND}).")] = None,
 ) -> None:
     """Serve volumes over NBD until SIGTERM or SIGINT; SIGUSR1 logs statistics.
 
@@ -349,14 +363,55 @@ def serve(
     specs = [ExportSpec(name, describe(name)) for name in names]  # fails early on a missing volume
     if retry_timeout < 0:
         raise CliError("--retry-timeout must not be negative")
+    limits = _export_limits(throttle or [], names)
+    try:
+        metrics_address = None if metrics is None else parse_address(metrics, DEFAULT_BIND)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     # A write past a file size limit then fails with EFBIG, an error for that one
     # request, instead of SIGXFSZ killing the server and every client with it.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout)
+    trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout, control, limits,
+             metrics_address)
     # Stopped cleanly: a late SIGTERM while the interpreter exits must not turn
     # that into death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def parse_limits(text: str) -> Limits:
+    """`bps=4M,iops=100`: QEMU's limit names, byte rates with K/M/G/T suffixes."""
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals or key not in LIMITS + BURSTS:
+            raise CliError(f"invalid --throttle item {item!r}: give NAME=VALUE with NAME one of "
+                           + ", ".join(LIMITS + BURSTS))
+        values[key] = _rate(key, value)
+    try:
+        return Limits(values)
+    except ThrottleError as error:
+        raise CliError(f"--throttle: {error}") from None
+
+
+def _export_limits(options: list[str], names: list[str]) -> dict[str, Limits]:
+    """Export name -> its limits, from `--throttle [EXPORT:]LIMITS` options."""
+    limits = {}
+    for option in options:
+        export, colon, text = option.rpartition(":")
+        if colon and export not in names:
+            raise CliError(f"--throttle {option}: no export named {export!r}")
+        for name in [export] if colon else names:
+            limits[name] = parse_limits(text)
+    return limits
+
+
+def _rate(key: str, text: str) -> int:
+    match = SIZE.fullmatch(text.strip())
+    if not match or (match[2] and key.startswith("iops")):
+        raise CliError(f"invalid {key} {text!r}: give a number" + (
+            "" if key.startswith("iops") else ", with K, M, G or T for bytes"))
+    return int(match[1]) << SUFFIX_SHIFT[match[2].upper()]
 
 
 def _emulated_exports(store: Store, volumes: list[str] | None, all_volumes: bool) -> list[str]:
@@ -453,31 +508,122 @@ class SystemdListen(Listen):
 
 async def _serve(
     client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool, policy: Policy,
-    pid_file: Path | None, retry_timeout: float,
+    pid_file: Path | None, retry_timeout: float, control_path: Path | None = None,
+    limits: dict[str, Limits] | None = None, metrics_address: tuple[str, int] | None = None,
 ) -> None:
     shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
     # may already ask us to stop.
     _shut_down_on_signals(shutdown)
     listeners = await listen.open()  # before the exports: a socket in use fails at once
+    control_listener = metrics_server = None
     try:
+        if control_path is not None:
+            control_listener = await open_unix_listener(control_path)  # 0600 whatever the umask
         async with open_exports(client, specs, read_only, retry_timeout) as exports:
             server = Server(exports, policy)
+            for export in exports:
+                export.throttle.set((limits or {}).get(export.info.name, Limits()))
             _on_signals([signal.SIGUSR1], lambda signum: _log_lines(server.stats()))
+            if metrics_address is not None:
+                try:
+                    metrics_server = serve_metrics(server, *metrics_address)
+                except OSError as error:
+                    raise ListenError(f"cannot serve metrics on {metrics_address[0]}:{metrics_address[1]}: "
+                                      f"{error.strerror or error}") from None
             if pid_file is not None:  # once it can take our signals
                 write_pid_file(pid_file)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.run, listeners, shutdown)
-                log.info("%s", logfmt(
-                    "serving", exports=",".join(spec.name for spec in specs),
-                    listen=",".join(listen.describe(listeners)),
-                    tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
-                    max_connections=policy.max_connections))
+            async with ExportControl.open(server, exports, client, shutdown, read_only=read_only,
+                                          retry_time_limit=retry_timeout) as export_control:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(server.run, listeners, shutdown)
+                    if control_listener is not None:
+                        await nursery.start(serve_control, control_listener, export_control, shutdown)
+                    log.info("%s", logfmt(
+                        "serving", exports=",".join(spec.name for spec in specs),
+                        listen=",".join(listen.describe(listeners)),
+                        tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
+                        max_connections=policy.max_connections, control=control_path,
+                        metrics=None if metrics_server is None else "{}:{}".format(*metrics_server.server_address)))
             _log_lines(server.stats())
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         listen.remove()
+        if control_listener is not None:
+            remove_socket(control_path)
         if pid_file is not None:
             remove_pid_file(pid_file)
+
+
+ControlOption = Annotated[Path, typer.Option("--control", "-c", help="The server's --control socket.")]
+
+
+def _control(path: Path, command: str, arguments: dict | None = None) -> object:
+    try:
+        return call(path, command, arguments)
+    except ControlError as error:
+        raise CliError(str(error)) from None
+
+
+@export_app.command("add")
+def export_add(
+    node: Annotated[str, typer.Argument(help="VOLUME or VOLUME@SNAPSHOT.")],
+    control: ControlOption,
+    export_id: Annotated[Optional[str], typer.Option("--id", help="The export's id (default: its name).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="The export name clients ask for (default: NODE).")] = None,
+    writable: Annotated[bool, typer.Option("--writable", "-w", help="Accept writes.")] = False,
+    description: Annotated[str, typer.Option("--description", help="What NBD_OPT_LIST shows.")] = "",
+) -> None:
+    """Export a volume or snapshot from a running server."""
+    name = name or node
+    _control(control, "block-export-add", {"type": "nbd", "id": export_id or name, "node-name": node,
+                                           "name": name, "writable": writable, "description": description})
+    typer.echo(f"added export {export_id or name}")
+
+
+@export_app.command("del")
+def export_del(
+    export_id: Annotated[str, typer.Argument(help="The export's id.")],
+    control: ControlOption,
+    hard: Annotated[bool, typer.Option("--hard", help="Disconnect its clients once their requests "
+                                                      "in flight are answered (default: refuse while any is connected).")] = False,
+) -> None:
+    """Remove an export."""
+    _control(control, "block-export-del", {"id": export_id, "mode": "hard" if hard else "safe"})
+    typer.echo(f"deleting export {export_id}")
+
+
+@export_app.command("list")
+def export_list(
+    control: ControlOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the exports of a running server, with their clients and limits."""
+    exports = _control(control, "query-block-exports")
+    throttles = {t["id"]: t for t in _control(control, "x-pfnbd-query-io-throttle")}
+    if as_json:
+        typer.echo(json.dumps([{**e, "throttle": throttles.get(e["id"], {})} for e in exports], indent=2))
+        return
+    rows = [("ID", "NODE", "NAME", "WRITABLE", "CLIENTS", "STATE", "THROTTLE")]
+    for e in exports:
+        limits = ",".join(f"{k}={v}" for k, v in throttles.get(e["id"], {}).items() if k != "id" and v)
+        rows.append((e["id"], e["node-name"], e["x-pfnbd-name"], "yes" if e["x-pfnbd-writable"] else "no",
+                     str(e["x-pfnbd-clients"]), "deleting" if e["shutting-down"] else "serving", limits or "-"))
+    _echo_table(rows)
+
+
+@export_app.command("throttle")
+def export_throttle(
+    export_id: Annotated[str, typer.Argument(help="The export's id.")],
+    limits: Annotated[str, typer.Argument(help="e.g. bps=4M,iops_wr=100; empty lifts every limit.")],
+    control: ControlOption,
+) -> None:
+    """Set an export's I/O limits, live: its clients need not reconnect."""
+    values = parse_limits(limits).values
+    _control(control, "block_set_io_throttle",
+             {"id": export_id, **{name: values.get(name, 0) for name in LIMITS + BURSTS}})
+    typer.echo(f"throttled export {export_id}: {limits or 'unlimited'}")
 
 
 def _shut_down_on_signals(shutdown: trio.Event) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 import construct
@@ -113,10 +113,11 @@ def option_error(option: int, reply: p.OptionReply, message: str) -> bytes:
 class Negotiation:
     """The server's side of one handshake."""
 
-    def __init__(self, exports: Sequence[ExportInfo], tls_mode: TlsMode = TlsMode.OFF) -> None:
-        self._exports = {export.name: export for export in exports}
-        # The empty name selects the default export (the first one), as in qemu-nbd.
-        self._default = exports[0] if exports else None
+    def __init__(
+        self, exports: Mapping[str, ExportInfo] | Sequence[ExportInfo], tls_mode: TlsMode = TlsMode.OFF,
+    ) -> None:
+        # A mapping is read live: the server's export table, which changes at run time.
+        self._exports = exports if isinstance(exports, Mapping) else {e.name: e for e in exports}
         self.tls_mode = tls_mode
         self.tls_active = False
         self.state = State.AWAIT_CLIENT_FLAGS
@@ -358,7 +359,9 @@ class Negotiation:
             raise RuntimeError(f"negotiation is in state {self.state.name}, not {state.name}")
 
     def _lookup(self, name: str) -> ExportInfo | None:
-        return self._default if name == "" else self._exports.get(name)
+        if name == "":  # the default export: the first one, as in qemu-nbd
+            return next(iter(self._exports.values()), None)
+        return self._exports.get(name)
 
     def _flags(self, export: ExportInfo) -> p.TransmissionFlags:
         # DF must stay clear unless structured replies were negotiated.

@@ -31,6 +31,7 @@ from . import protocol as p
 from .negotiation import Agreement, Channel, ExportInfo, Negotiation, RemoteProtocolError, TlsMode, negotiate
 from .store import split_snapshot_name
 from .streams import ClientDisconnected
+from .throttle import Throttle
 from .tls import TlsHandshakeError, TlsStream
 from .transmission import Counters, Transmission
 from .volume import RETRY_TIME_LIMIT, VolumeBridge, VolumeClient
@@ -56,6 +57,7 @@ class Export:
     info: ExportInfo
     bridge: VolumeBridge
     read_only: bool
+    throttle: Throttle = attrs.field(factory=Throttle, eq=False)  # shared by its connections
 
 
 def export_flags(read_only: bool) -> p.TransmissionFlags:
@@ -93,17 +95,22 @@ async def open_exports(
             volume, snapshot = split_snapshot_name(spec.name)
             bridge = VolumeBridge(client.open_volume(volume, snapshot), retry_time_limit)
             bridges.append(bridge)
-            export_read_only = read_only or bridge.backend.read_only
-            contexts = (p.BASE_ALLOCATION,
-                        *([p.QEMU_ALLOCATION_DEPTH] if bridge.backend.has_depths else []),
-                        *(p.QEMU_DIRTY_BITMAP + snapshot for snapshot in bridge.backend.dirty_bitmaps))
-            info = ExportInfo(spec.name, spec.description, bridge.size, export_flags(export_read_only),
-                              contexts=contexts)
-            exports.append(Export(info, bridge, export_read_only))
+            exports.append(make_export(spec, bridge, read_only))
         yield exports
     finally:
         for bridge in bridges:
             bridge.close()
+
+
+def make_export(spec: ExportSpec, bridge: VolumeBridge, read_only: bool) -> Export:
+    """The export of an open volume: read-only if asked, or if the volume is."""
+    export_read_only = read_only or bridge.backend.read_only
+    contexts = (p.BASE_ALLOCATION,
+                *([p.QEMU_ALLOCATION_DEPTH] if bridge.backend.has_depths else []),
+                *(p.QEMU_DIRTY_BITMAP + snapshot for snapshot in bridge.backend.dirty_bitmaps))
+    info = ExportInfo(spec.name, spec.description, bridge.size, export_flags(export_read_only),
+                      contexts=contexts)
+    return Export(info, bridge, export_read_only)
 
 
 @attrs.frozen
@@ -153,10 +160,30 @@ class _ExportTotals:
             self.counters[key] += value
 
 
+@attrs.frozen
+class ExportStats:
+    name: str
+    connections: int  # ever, the active ones included
+    active: int
+    counters: dict[str, int]  # the fields of `Counters`
+    in_flight: int  # requests read and not answered yet
+
+
+@attrs.frozen
+class ServerStats:
+    accepted: int
+    active: int
+    refused: int
+    exports: list[ExportStats]
+
+
 class Server:
     def __init__(self, exports: Sequence[Export], policy: Policy = Policy()) -> None:
+        # Exports can be added and removed at run time (the control socket).  `_infos`
+        # is what negotiations look names up in, live; `_exports` also holds the
+        # exports withdrawn from it whose connections are still ending.
         self._exports = {export.info.name: export for export in exports}
-        self._infos = [export.info for export in exports]
+        self._infos = {export.info.name: export.info for export in exports}
         self._policy = policy
         self._connections: set[_Connection] = set()
         self._connections_changed = trio.lowlevel.ParkingLot()
@@ -243,13 +270,45 @@ class Server:
             return "handshake timed out"
         if connection.agreement is None:
             return "closed in negotiation"
-        export = self._exports[connection.agreement.export.name]
+        name = connection.agreement.export.name
+        if self._infos.get(name) is not connection.agreement.export:
+            return "export removed during negotiation"
+        export = self._exports[name]
         channel = connection.channel
         connection.transmission = Transmission(
-            channel.stream, channel.receiver, connection.agreement, export.bridge, export.read_only
+            channel.stream, channel.receiver, connection.agreement, export.bridge, export.read_only,
+            export.throttle,
         )
         await connection.transmission.run()
         return "closed"
+
+    # -- the export table, changed at run time -----------------------------
+
+    def add_export(self, export: Export) -> None:
+        name = export.info.name
+        if name in self._exports:
+            raise ValueError(f"an export named {name!r} exists already")
+        self._exports[name] = export
+        self._infos[name] = export.info
+        self._totals.setdefault(name, _ExportTotals())
+
+    def clients(self, name: str) -> int:
+        """Connections that agreed on export `name` and have not ended."""
+        return sum(1 for connection in self._connections if connection.export == name)
+
+    def withdraw_export(self, name: str) -> None:
+        """New clients no longer find `name`; its connections finish the requests in
+        flight (anything newer is answered ESHUTDOWN) and end."""
+        del self._infos[name]
+        for connection in list(self._connections):
+            if connection.export == name:
+                connection.stop()
+
+    async def remove_export(self, name: str) -> Export:
+        """Waits until the connections of a withdrawn export have ended, then forgets it."""
+        while self.clients(name):
+            await self._connections_changed.park()
+        return self._exports.pop(name)
 
     def _add_to_totals(self, connection: _Connection) -> None:
         if connection.export is None:
@@ -259,19 +318,29 @@ class Server:
         if connection.transmission is not None:
             totals.add(connection.transmission.counters)
 
-    def stats(self) -> list[str]:
-        """`stats` log lines: the server's connections, then each export's counters."""
-        lines = [logfmt("stats", accepted=self._accepted, active=len(self._connections),
-                        refused=self._refused)]
+    def snapshot(self) -> ServerStats:
+        """The server's counters now, ended connections and active ones together."""
+        exports = []
         for name, ended in self._totals.items():
             totals = _ExportTotals(ended.connections, dict(ended.counters))
             active = [c for c in self._connections if c.export == name]
+            in_flight = 0
             for connection in active:
                 totals.connections += 1
                 if connection.transmission is not None:
                     totals.add(connection.transmission.counters)
-            lines.append(logfmt("stats", export=name, connections=totals.connections,
-                                active=len(active), **totals.counters))
+                    in_flight += connection.transmission.in_flight
+            exports.append(ExportStats(name, totals.connections, len(active), totals.counters, in_flight))
+        return ServerStats(self._accepted, len(self._connections), self._refused, exports)
+
+    def stats(self) -> list[str]:
+        """`stats` log lines: the server's connections, then each export's counters."""
+        snapshot = self.snapshot()
+        lines = [logfmt("stats", accepted=snapshot.accepted, active=snapshot.active,
+                        refused=snapshot.refused)]
+        for export in snapshot.exports:
+            lines.append(logfmt("stats", export=export.name, connections=export.connections,
+                                active=export.active, **export.counters))
         return lines
 
 

@@ -23,6 +23,7 @@ import trio
 from . import protocol as p
 from .negotiation import Agreement, RemoteProtocolError
 from .streams import Buffer, ClientDisconnected, Receiver, Sender
+from .throttle import Throttle
 from .volume import CACHE_CHUNK, VolumeBridge, VolumeIOError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ ALLOWED_FLAGS = {
 }
 MUTATING = {p.Command.WRITE, p.Command.TRIM, p.Command.WRITE_ZEROES}
 DIRECT_COMMANDS = {p.Command.READ, p.Command.WRITE}  # candidates for the task-free path
+THROTTLED = {int(p.Command.READ), int(p.Command.WRITE)}  # what an export's I/O limits count
 # Plain ints for the checks made on every request: `int & IntFlag` builds a flag object.
 FUA = int(p.CommandFlags.FUA)
 DF = int(p.CommandFlags.DF)
@@ -254,12 +256,14 @@ class Transmission:
         agreement: Agreement,
         bridge: VolumeBridge,
         read_only: bool,
+        throttle: Throttle | None = None,  # the export's, shared by its connections
     ) -> None:
         self._sender = Sender(stream)
         self._receiver = receiver
         self._agreement = agreement
         self._bridge = bridge
         self._read_only = read_only
+        self._throttle = throttle or Throttle()
         self._replies = Replies(agreement.structured_replies, agreement.extended_headers)
         self._header = (p.extended_request if agreement.extended_headers else p.request).sizeof()
         self._buffers = BufferPool(MAX_BYTES_IN_FLIGHT)
@@ -294,6 +298,11 @@ class Transmission:
         finally:
             self._ended = True  # completions still to come have nobody to answer
 
+    @property
+    def in_flight(self) -> int:
+        """Requests read and not answered yet (for metrics)."""
+        return self._in_flight
+
     def shut_down(self) -> None:
         """Server shutdown: finish what is in flight, answer anything new with
         ESHUTDOWN, and end the connection once nothing is in flight."""
@@ -313,6 +322,10 @@ class Transmission:
                 return
             while self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
                 await self._answered.park()
+            # The export's I/O limits, before the payload is read and anything submitted:
+            # a throttled client's bytes wait in its socket.
+            if self._throttle.limited and request.command in THROTTLED:
+                await self._throttle.admit(request.command == p.Command.WRITE, request.length)
             self._in_flight += 1
             try:
                 if self._shutting_down:

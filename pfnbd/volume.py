@@ -541,6 +541,7 @@ class VolumeBridge:
         # writes that flush covered, so a later flush that succeeds would prove
         # nothing: writes and flushes fail until the volume is opened again.
         self._flush_failure: VolumeIOError | None = None
+        self._closed = False
 
     # -- submitting -------------------------------------------------------
 
@@ -765,5 +766,8 @@ class VolumeBridge:
             raise VolumeIOError(-(error.errno or errno.EIO)) from error
 
     def close(self) -> None:
-        self.backend.close()
+        """Once; again is a no-op (an export deleted at run time is closed then and at exit)."""
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
 
