@@ -93,7 +93,8 @@ def test_failed_snapshot_refresh_fails_writes_until_it_can_preserve(cli, start_s
     descriptors = open_descriptors(server.process.pid)
     for _ in range(3):  # never written unpreserved, and no descriptor left behind
         qemu_io_refused(server.uri(), "write -P 0xbb 0 64k")
-    assert open_descriptors(server.process.pid) == descriptors
+    # No more than before (fewer when the first count still saw a connection closing).
+    assert open_descriptors(server.process.pid) <= descriptors
     aside.rename(map_path)
     qemu_io(server.uri(), "write -P 0xbb 0 64k", "flush", "read -P 0xbb 0 64k", "read -P 0xaa 64k 64k")
     assert server.stop() == 0
