@@ -23,8 +23,8 @@ from . import protocol as p
 from .negotiation import TlsMode
 from .pureflash import LIBRARY_ENV, PureFlashClient
 from .server import (
-    HANDSHAKE_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt, open_exports,
-    open_tcp_listeners, open_unix_listener, remove_socket, systemd_listeners,
+    HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt,
+    open_exports, open_tcp_listeners, open_unix_listener, remove_socket, systemd_listeners,
 )
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size
 from .tls import TlsConfigError, server_context
@@ -230,6 +230,9 @@ def serve(
     handshake_limit: Annotated[float, typer.Option(
         "--handshake-limit", help="Seconds a client has to finish negotiation, TLS included.")
     ] = HANDSHAKE_TIMEOUT,
+    shutdown_timeout: Annotated[float, typer.Option(
+        "--shutdown-timeout", help="Seconds requests in flight get at SIGTERM before they are "
+                                   "answered ESHUTDOWN and the connections closed.")] = SHUTDOWN_TIMEOUT,
     backend: Annotated[Backend, typer.Option(
         "--backend", case_sensitive=False,
         help="emulated: the embedded cluster of the data directory; pureflash: a real cluster, "
@@ -265,8 +268,10 @@ def serve(
         raise CliError(f"invalid --max-connections {max_connections}: give 1 or more")
     if not handshake_limit > 0:
         raise CliError(f"invalid --handshake-limit {handshake_limit}: give a number of seconds")
+    if not shutdown_timeout >= 0:
+        raise CliError(f"invalid --shutdown-timeout {shutdown_timeout}: give a number of seconds")
     policy = Policy(tls, _tls_context(tls, tls_certificates, tls_verify_peer), max_connections,
-                    handshake_limit)
+                    handshake_limit, shutdown_timeout)
     if socket is not None:
         listen: Listen = UnixListen(socket, _parse_mode(socket_mode))
     elif bind is not None or port is not None:
