@@ -24,7 +24,8 @@ from .negotiation import TlsMode
 from .pureflash import LIBRARY_ENV, PureFlashClient
 from .server import (
     HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt,
-    open_exports, open_tcp_listeners, open_unix_listener, remove_socket, systemd_listeners,
+    open_exports, open_tcp_listeners, open_unix_listener, remove_socket, SocketFile, socket_file,
+    systemd_listeners,
 )
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size
 from .tls import TlsConfigError, server_context
@@ -364,16 +365,20 @@ class Listen:
         pass  # nothing of ours is left on disk
 
 
-@attrs.frozen
+@attrs.define
 class UnixListen(Listen):
     path: Path
     mode: int
+    bound: SocketFile | None = None  # the socket file we made, once we listen
 
     async def open(self) -> list[trio.SocketListener]:
-        return [await open_unix_listener(self.path, self.mode)]
+        listener = await open_unix_listener(self.path, self.mode)
+        self.bound = socket_file(self.path)
+        return [listener]
 
     def remove(self) -> None:
-        remove_socket(self.path)
+        if self.bound is not None:
+            remove_socket(self.path, only=self.bound)
 
 
 @attrs.frozen

@@ -440,8 +440,19 @@ def systemd_listeners() -> list[trio.SocketListener] | None:
     return listeners
 
 
-def remove_socket(path: Path) -> None:
+SocketFile = tuple[int, int]  # st_dev and st_ino: which file a path names
+
+
+def socket_file(path: Path) -> SocketFile:
+    status = os.lstat(path)
+    return status.st_dev, status.st_ino
+
+
+def remove_socket(path: Path, only: SocketFile | None = None) -> None:
+    """Unlinks the socket file at `path`; given `only`, just if the path still names
+    that file: in an upgrade the next server may have bound its own there already."""
     try:
-        os.unlink(path)
+        if only is None or socket_file(path) == only:
+            os.unlink(path)
     except FileNotFoundError:
         pass

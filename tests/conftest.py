@@ -81,9 +81,12 @@ class Server(ServeProcess):
         return f"nbd:unix:{self.socket}:exportname={export}"
 
 
-def wait_for_socket(process: subprocess.Popen[str], path: Path, log_path: Path) -> None:
+def wait_for_socket(process: subprocess.Popen[str], path: Path, log_path: Path,
+                    serving: bool = False) -> None:
+    """Until the socket file exists, or with `serving` until the server logs that it
+    serves (a server restarted on a socket finds the file there already)."""
     deadline = time.monotonic() + 30
-    while not path.exists():
+    while not ("pfnbd: serving" in log_path.read_text(errors="replace") if serving else path.exists()):
         if process.poll() is not None:
             raise AssertionError(f"pfnbd serve exited {process.returncode}:\n"
                                  + log_path.read_text(errors="replace"))
@@ -103,18 +106,20 @@ def start_server(cli: Cli, tmp_path: Path):
     """Factory: start `pfnbd serve` on a fresh socket for the given volumes.
 
     Volumes named in `volumes` are created first (name -> size as the CLI takes it)
-    unless they already exist. Every server still running at teardown is stopped with
-    SIGTERM and must exit 0.
+    unless they already exist. `socket` restarts a server on an earlier one's socket.
+    Every server still running at teardown is stopped with SIGTERM and must exit 0.
     """
     servers: list[Server] = []
 
-    def start(volumes: dict[str, str] | None = None, *extra: str, exports: list[str] | None = None) -> Server:
+    def start(volumes: dict[str, str] | None = None, *extra: str, exports: list[str] | None = None,
+              socket: Path | None = None) -> Server:
         volumes = {"test_v1": "64M"} if volumes is None else volumes
         existing = {v["name"] for v in json.loads(cli.run("volume", "list", "--json").stdout)}
         for name, size in volumes.items():
             if name not in existing:
                 cli.run("volume", "create", name, "--size", size)
-        socket = tmp_path / f"nbd{len(servers)}.sock"
+        restarting = socket is not None  # on an earlier server's socket
+        socket = socket or tmp_path / f"nbd{len(servers)}.sock"
         log_path = tmp_path / f"server{len(servers)}.log"
         args = ["serve", "--socket", str(socket)]
         for name in exports if exports is not None else volumes:
@@ -124,7 +129,7 @@ def start_server(cli: Cli, tmp_path: Path):
             pfnbd_command(*args, *extra), env=cli.env, stdout=log, stderr=subprocess.STDOUT, text=True
         )
         log.close()
-        wait_for_socket(process, socket, log_path)
+        wait_for_socket(process, socket, log_path, serving=restarting)
         server = Server(process=process, log_path=log_path, socket=socket)
         servers.append(server)
         return server
