@@ -4,8 +4,9 @@ An operator stops pfnbd with SIGTERM and starts the new one on the same socket w
 QEMU keeps writing; QEMU's NBD client (reconnect-delay) reconnects and resends what had
 no reply. These tests restart pfnbd as an upgrade does and check that the writer never
 sees an error and that every block it wrote holds its data; that the next server takes
-over the Unix socket while the old one still drains; and that under socket activation
-connection attempts made while no pfnbd runs wait in the listen queue.
+over the Unix socket while the old one still drains; that under socket activation
+connection attempts made while no pfnbd runs wait in the listen queue; and that an import
+killed midway leaves nothing half-done.
 """
 
 from __future__ import annotations
@@ -177,3 +178,37 @@ def test_under_socket_activation_connections_wait_out_a_restart(cli, tmp_path):
                 process.kill()
                 process.wait()
         listening.close()
+
+
+def test_an_import_killed_midway_leaves_no_half_volume(cli, tmp_path):
+    """kill -9 in the middle of `volume import`: afterwards the volume either does not
+    exist or holds the whole image, and importing again works."""
+    source = tmp_path / "disk.raw"
+    block = bytes(range(1, 256)) * 4112  # ~1 MiB with no zeros: every block is copied
+    with open(source, "wb") as image:
+        for _ in range(256):
+            image.write(block)
+    volumes = cli.data_dir / "volumes"
+    importing = subprocess.Popen(pfnbd_command("volume", "import", "test_v1", str(source)),
+                                 env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Where the data goes: the volume's image (created with its metadata, before pfnbd
+    # copied into a staging file) or the staging file.
+    wait_for(lambda: (volumes / "test_v1.json").exists() or (volumes / ".test_v1.import").exists(),
+             "the import's target", 30)
+    importing.kill()  # copying 256 MiB has only begun
+    importing.wait()
+
+    def holds_the_image() -> bool:
+        exported = tmp_path / f"exported{time.monotonic_ns()}.raw"
+        cli.run("volume", "export", "test_v1", str(exported))
+        with open(source, "rb") as expected, open(exported, "rb") as got:
+            while chunk := expected.read(1 << 20):
+                if got.read(len(chunk)) != chunk:
+                    return False
+        return True
+
+    info = cli.run("volume", "info", "test_v1", check=False)
+    assert info.returncode == 0 and holds_the_image() or "no volume named 'test_v1'" in info.stderr, info.stderr
+    if info.returncode != 0:
+        cli.run("volume", "import", "test_v1", str(source))
+        assert holds_the_image()
