@@ -16,6 +16,7 @@ import argparse
 import ctypes
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -446,6 +447,19 @@ def format_ratio(value: float | None, baseline: float | None) -> str:
     return f"{value / baseline:.2f}"
 
 
+def machine_lines() -> list[str]:
+    """What machine a table comes from: a figure holds only for the machine it was
+    measured on."""
+    model = next((line.split(":", 1)[1].strip() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    return [
+        f"machine: {model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end",
+        f"kernel: {platform.system()} {platform.release()}; "
+        f"Python: {platform.python_implementation()} {platform.python_version()} ({sys.executable})",
+    ]
+
+
 def report(results: Results, servers: list[str], workloads: list[Workload], bench: Bench,
            rounds: int) -> list[str]:
     compared = [server for server in servers if server != BASELINE]
@@ -453,6 +467,7 @@ def report(results: Results, servers: list[str], workloads: list[Workload], benc
     lines = [
         f"NBD server benchmark: {bench.size // MIB} MiB export over a Unix socket, "
         f"medians of {rounds} round(s), fio runtime {bench.fio_runtime} s",
+        *machine_lines(),
         "",
         "| workload | unit | " + " | ".join(servers + ratio_columns) + " |",
         "|---" * (2 + len(servers) + len(ratio_columns)) + "|",

@@ -110,9 +110,13 @@ def volume_list(
     if as_json:
         typer.echo(json.dumps([v.to_json() for v in volumes], indent=2))
         return
-    rows = [("NAME", "SIZE", "REPLICAS", "ID", "SNAPSHOTS")]
-    rows += [(v.name, human_size(v.size), str(v.replicas), str(v.id),
-              ",".join(s.name for s in v.snapshots) or "-") for v in volumes]
+    _echo_table([("NAME", "SIZE", "REPLICAS", "ID", "SNAPSHOTS")] + [
+        (v.name, human_size(v.size), str(v.replicas), str(v.id), ",".join(s.name for s in v.snapshots) or "-")
+        for v in volumes])
+
+
+def _echo_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows in columns as wide as their widest cell, the first row the heading."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -155,6 +159,25 @@ def volume_delete(ctx: typer.Context, name: str) -> None:
     """Delete a volume and its data."""
     ctx.obj.delete(name)
     typer.echo(f"deleted volume {name}")
+
+
+@volume_app.command("diff")
+def volume_diff(
+    ctx: typer.Context,
+    name: str,
+    from_snapshot: Annotated[str, typer.Option("--from", help="The older snapshot.")],
+    to_snapshot: Annotated[Optional[str], typer.Option(
+        "--to", help="The newer snapshot (default: the volume as it is now).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show what changed since a snapshot, as `rbd diff --from-snap`: extents that may
+    differ, each `data`, or `zero` where the newer side reads as zeros."""
+    changed = [dict(offset=offset, length=length, type="zero" if zero else "data")
+               for offset, length, zero in ctx.obj.diff(name, from_snapshot, to_snapshot)]
+    if as_json:
+        typer.echo(json.dumps(changed, indent=2))
+        return
+    _echo_table([("Offset", "Length", "Type")] + [(str(c["offset"]), str(c["length"]), c["type"]) for c in changed])
 
 
 def _progress(label: str):

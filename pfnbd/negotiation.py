@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 # Resource limits a client cannot get around.
 MAX_OPTION_LENGTH = 64 * 1024  # our options carry a name and a few queries
 MAX_OPTIONS = 512  # per handshake: enough for nbdinfo --list over many exports
-META_CONTEXT_ID = {p.BASE_ALLOCATION: 1}
 
 
 class RemoteProtocolError(Exception):
@@ -75,6 +74,11 @@ class ExportInfo:
     size: int
     flags: p.TransmissionFlags  # SEND_DF is added once structured replies are agreed
     block_sizes: BlockSizes = BlockSizes()
+    # The meta contexts it offers; a context's id is its place here, from 1.
+    contexts: tuple[str, ...] = (p.BASE_ALLOCATION,)
+
+    def context_id(self, name: str) -> int:
+        return self.contexts.index(name) + 1
 
 
 @attrs.frozen
@@ -315,12 +319,13 @@ class Negotiation:
                 [option_error(option, p.OptionReply.ERR_UNKNOWN, f"no export named {_quoted(request.name)}")]
             )
         if request.queries:
-            matched = {name for query in request.queries for name in _matching_contexts(query, setting)}
+            matched = {name for query in request.queries
+                       for name in _matching_contexts(query, setting, export.contexts)}
         else:
-            matched = set() if setting else set(META_CONTEXT_ID)
+            matched = set() if setting else set(export.contexts)
         replies = []
-        for name in sorted(matched):
-            context_id = META_CONTEXT_ID[name] if setting else 0
+        for name in sorted(matched, key=export.context_id):
+            context_id = export.context_id(name) if setting else 0
             replies.append(
                 option_reply(
                     option,
@@ -329,7 +334,7 @@ class Negotiation:
                 )
             )
         if setting:
-            self._meta_contexts = {META_CONTEXT_ID[name]: name for name in matched}
+            self._meta_contexts = {export.context_id(name): name for name in sorted(matched, key=export.context_id)}
             self._meta_context_export = export.name
         return OptionOutcome([*replies, option_reply(option, p.OptionReply.ACK)])
 
@@ -373,12 +378,17 @@ def _quoted(name: str) -> str:
     return repr(name) if len(name) <= 64 else repr(name[:64]) + "..."
 
 
-def _matching_contexts(query: str, setting: bool) -> list[str]:
-    """Contexts a query names: `base:` is a wildcard for LIST only."""
-    if query in META_CONTEXT_ID:
+# Queries that name every context under them, for LIST only (the spec leaves SET's
+# wildcards to each namespace; QEMU, whose `qemu:` this is, takes them for LIST only).
+WILDCARD_QUERIES = ("base:", "qemu:", p.QEMU_DIRTY_BITMAP)
+
+
+def _matching_contexts(query: str, setting: bool, offered: Sequence[str]) -> list[str]:
+    """The contexts of `offered` that a query names."""
+    if query in offered:
         return [query]
-    if query == "base:" and not setting:
-        return [name for name in META_CONTEXT_ID if name.startswith("base:")]
+    if query in WILDCARD_QUERIES and not setting:
+        return [name for name in offered if name.startswith(query)]
     return []  # unknown namespaces and leaves are ignored, as the spec requires
 
 

@@ -176,6 +176,13 @@ class BlockState(enum.IntFlag):
 
 
 BASE_ALLOCATION = "base:allocation"
+# QEMU's namespace: `qemu:dirty-bitmap:NAME` has one extent flag, bit 0 set where
+# the bitmap is dirty.
+QEMU_DIRTY_BITMAP = "qemu:dirty-bitmap:"
+DIRTY = 1 << 0
+# `qemu:allocation-depth`: each extent's flags are the depth in the backing chain its
+# data comes from, 1 for the export's own layer, 0 where no layer has it.
+QEMU_ALLOCATION_DEPTH = "qemu:allocation-depth"
 
 # ---------------------------------------------------------------------------
 # Handshake.

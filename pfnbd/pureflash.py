@@ -205,6 +205,8 @@ class PureFlashVolume:
     """An open volume of a real cluster, as a `VolumeBackend`."""
 
     can_discard = False  # the library has no trim: the bridge writes zeros instead
+    dirty_bitmaps = ()  # the client API cannot tell what changed since a snapshot,
+    has_depths = False  # nor where a snapshot's data lies
 
     def __init__(self, library: ctypes.CDLL, handle: int, name: str, snap: str | None) -> None:
         self._library = library
@@ -251,6 +253,12 @@ class PureFlashVolume:
     def allocation(self, offset: int, length: int) -> Iterator[Extent]:
         """The library cannot tell what was never written: all of it is data."""
         yield Extent(offset, length, True)
+
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]:
+        raise OSError(errno.ENOTSUP, "the PureFlash client API cannot tell what changed")
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        raise OSError(errno.ENOTSUP, "the PureFlash client API cannot tell allocation depth")
 
     def flush(self) -> None:
         """Nothing to do: an acknowledged write is already on every replica."""

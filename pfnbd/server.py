@@ -95,7 +95,11 @@ async def open_exports(
             bridge = VolumeBridge(client.open_volume(volume, snapshot), retry_time_limit)
             bridges.append(bridge)
             export_read_only = read_only or bridge.backend.read_only
-            info = ExportInfo(spec.name, spec.description, bridge.size, export_flags(export_read_only))
+            contexts = (p.BASE_ALLOCATION,
+                        *([p.QEMU_ALLOCATION_DEPTH] if bridge.backend.has_depths else []),
+                        *(p.QEMU_DIRTY_BITMAP + snapshot for snapshot in bridge.backend.dirty_bitmaps))
+            info = ExportInfo(spec.name, spec.description, bridge.size, export_flags(export_read_only),
+                              contexts=contexts)
             exports.append(Export(info, bridge, export_read_only))
         yield exports
     finally:

@@ -27,6 +27,7 @@ import ctypes.util
 import datetime
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -46,6 +47,7 @@ MAX_NAME_LENGTH = 96  # PureFlash's limit on volume names
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 SUFFIX_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 _ZEROES = bytes(CHUNK)
+CHANGE_WINDOW = 1 << 16  # map bytes `changes` reads per snapshot at a time: 4 GiB of volume
 T = TypeVar("T")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -335,6 +337,77 @@ class Store:
             for chunk in moved:
                 os.pwrite(target.map, b"\1", chunk)
             os.fsync(target.map)
+
+    # -- what changed -----------------------------------------------------
+
+    def changes(self, name: str, since: str, until: str | None, offset: int, length: int) -> Iterator[Extent]:
+        """Where volume `name` (its head, or snapshot `until`) may differ from its
+        snapshot `since`: `allocated` means changed.
+
+        Every write, zeroing or trim that reached a chunk after `since` was taken
+        marked it, by copy-before-write, in the map of the snapshot newest then (and
+        deleting a snapshot folds its map into the older one): the union of the maps
+        from `since` up to `until` (excluded) is the answer, holes that were written
+        included.  Lazy, a window of the maps at a time, so a caller that wants only a
+        prefix reads only that.  The maps are opened by the call and read only by it.
+        """
+        meta = self.get(name)
+        first = meta.snapshot_index(since)
+        last = len(meta.snapshots) if until is None else meta.snapshot_index(until)
+        if last <= first:
+            raise StoreError(f"snapshot {since!r} of {name!r} is not older than snapshot {until!r}")
+        maps = []
+        try:
+            for snapshot in meta.snapshots[first:last]:
+                maps.append(os.open(self._map_path(name, snapshot.name), os.O_RDONLY))
+            chunks = _chunks(offset, min(length, meta.size - offset))
+            end = offset + length
+            for window in range(chunks.start, chunks.stop, CHANGE_WINDOW):
+                count = min(CHANGE_WINDOW, chunks.stop - window)
+                union = 0
+                for fd in maps:  # map bytes are 0 or 1: OR them as one big integer
+                    union |= int.from_bytes(os.pread(fd, count, window), "little")
+                marks = union.to_bytes(count, "little")
+                position = window
+                for changed, run in itertools.groupby(marks):
+                    run_length = sum(1 for _ in run)
+                    start = max(offset, position * CHUNK)
+                    stop = min(end, (position + run_length) * CHUNK)
+                    yield Extent(start, stop - start, bool(changed))
+                    position += run_length
+        finally:
+            for fd in maps:
+                os.close(fd)
+
+    def diff(self, name: str, since: str, until: str | None) -> Iterator[tuple[int, int, bool]]:
+        """The changed extents of `changes` over the whole volume, as (offset,
+        length, zero): `zero` where the newer side reads as zeros there (trimmed or
+        never written), so a backup can skip reading it."""
+        meta = self.get(name)
+        target = os.open(self.image_path(name), os.O_RDONLY) if until is None else None
+        image = SnapshotImage(self, meta, until) if until is not None else None
+        pending: list[int | bool] | None = None
+        try:
+            for change in self.changes(name, since, until, 0, meta.size):
+                if not change.allocated:
+                    continue
+                extents = (file_extents(target, change.offset, change.length) if image is None
+                           else image.extents(change.offset, change.length))
+                for extent in extents:
+                    zero = not extent.allocated
+                    if pending is not None and pending[2] == zero and pending[0] + pending[1] == extent.offset:
+                        pending[1] += extent.length
+                        continue
+                    if pending is not None:
+                        yield tuple(pending)
+                    pending = [extent.offset, extent.length, zero]
+            if pending is not None:
+                yield tuple(pending)
+        finally:
+            if image is not None:
+                image.close()
+            if target is not None:
+                os.close(target)
 
     # -- opening ----------------------------------------------------------
 
@@ -674,6 +747,33 @@ class SnapshotImage(_Image):
                     lo, hi = max(start, extent.offset), min(end, extent.offset + extent.length)
                     if lo < hi:
                         yield Extent(lo, hi - lo, extent.allocated)
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """(length, depth) runs: where each byte of this snapshot comes from, as
+        QEMU's `qemu:allocation-depth` counts: 1 for what it preserved itself, 2 and
+        up for each newer snapshot's preserved chunks, then the head; 0 where the head
+        it reads through was never written."""
+        end = offset + length
+        window = CHANGE_WINDOW * CHUNK  # lazily, so a caller wanting a prefix pays for that
+        for at in range(offset, end, window):
+            yield from self._window_depths(at, min(window - at % window, end - at))
+
+    def _window_depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        layers = self._current_layers()
+        depth_of = {layer.image: depth for depth, layer in enumerate(layers, 1)}
+        head_depth = len(layers) + 1
+        sources, head_extents = self._resolved(
+            offset, length, lambda: list(file_extents(self._head, offset, length)))
+        for index, chunk in enumerate(_chunks(offset, length)):
+            start = max(offset, chunk * CHUNK)
+            end = min(offset + length, (chunk + 1) * CHUNK)
+            if sources[index] is not None:
+                yield end - start, depth_of[sources[index]]
+                continue
+            for extent in head_extents:
+                lo, hi = max(start, extent.offset), min(end, extent.offset + extent.length)
+                if lo < hi:
+                    yield hi - lo, head_depth if extent.allocated else 0
 
     def sync(self) -> None:
         pass  # nothing to make durable: a snapshot is never written through here

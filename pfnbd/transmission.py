@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import attrs
@@ -23,7 +23,6 @@ import trio
 from . import protocol as p
 from .negotiation import Agreement, RemoteProtocolError
 from .streams import Buffer, ClientDisconnected, Receiver, Sender
-from .store import Extent
 from .volume import CACHE_CHUNK, VolumeBridge, VolumeIOError
 
 log = logging.getLogger(__name__)
@@ -136,14 +135,14 @@ class BufferPool:
     def take(self, size: int, buffer: bool = True) -> Held:
         """`acquire` when `fits(size)`: no await, so no task switch."""
         self._in_use += size
-        if not buffer:
-            return size, None
-        kept = self._kept.get(size)
-        if kept:
-            self._kept_bytes -= size
-            return size, kept.pop()
+        if buffer:
+            kept = self._kept.get(size)
+            if kept is not None:
+                return size, self._unkeep(size, kept)
+        # Bytes only counted stand for memory the request allocates itself: kept
+        # buffers make room for them too.
         self._drop_kept(self.capacity - self._in_use)
-        return size, bytearray(size)
+        return size, bytearray(size) if buffer else None
 
     def fits(self, size: int) -> bool:
         return self._in_use + size <= self.capacity
@@ -161,14 +160,28 @@ class BufferPool:
         if self._released:
             self._released.unpark_all()
 
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept_bytes
+
+    def _unkeep(self, size: int, kept: list[bytearray]) -> bytearray:
+        """The one way a buffer leaves `_kept`: a size whose last buffer goes leaves
+        with it, so every list in `_kept` has a buffer to give."""
+        buffer = kept.pop()
+        if not kept:
+            del self._kept[size]
+        self._kept_bytes -= size
+        return buffer
+
     def _drop_kept(self, room: int) -> None:
-        """Drops kept buffers until they fit in `room` bytes."""
+        """Drops kept buffers, the sizes kept longest first, until they fit in `room` bytes."""
         while self._kept_bytes > room:
             size, kept = next(iter(self._kept.items()))
-            kept.pop()
-            self._kept_bytes -= size
-            if not kept:
-                del self._kept[size]
+            self._unkeep(size, kept)
 
 
 class Replies:
@@ -183,14 +196,15 @@ class Replies:
         self.extended = extended
 
     def _chunk(self, request: Request, chunk_type: p.ChunkType, payload: bytes,
-               data: Buffer = b"") -> list[Buffer]:
+               data: Buffer = b"", done: bool = True) -> list[Buffer]:
         length = len(payload) + len(data)
+        flags = p.ReplyFlags.DONE if done else 0
         if self.extended:
             header = p.extended_chunk_header_layout.pack(
-                p.EXTENDED_REPLY_MAGIC, p.ReplyFlags.DONE, chunk_type, request.cookie, request.offset, length)
+                p.EXTENDED_REPLY_MAGIC, flags, chunk_type, request.cookie, request.offset, length)
         else:
             header = p.chunk_header_layout.pack(
-                p.STRUCTURED_REPLY_MAGIC, p.ReplyFlags.DONE, chunk_type, request.cookie, length)
+                p.STRUCTURED_REPLY_MAGIC, flags, chunk_type, request.cookie, length)
         return [header + payload, data] if data else [header + payload]
 
     @staticmethod
@@ -220,10 +234,14 @@ class Replies:
         )
         return self._chunk(request, p.ChunkType.ERROR, payload)
 
-    def block_status(self, request: Request, context_id: int, extents: list[dict]) -> list[Buffer]:
+    def block_status(self, request: Request, contexts: list[tuple[int, list[dict]]]) -> list[Buffer]:
+        """One chunk per selected context, (its id, its extents), the last one DONE."""
         chunk_type = p.ChunkType.BLOCK_STATUS_EXT if self.extended else p.ChunkType.BLOCK_STATUS
-        payload = p.chunk_payloads[chunk_type].build(dict(context_id=context_id, extents=extents))
-        return self._chunk(request, chunk_type, payload)
+        reply: list[Buffer] = []
+        for index, (context_id, extents) in enumerate(contexts):
+            payload = p.chunk_payloads[chunk_type].build(dict(context_id=context_id, extents=extents))
+            reply += self._chunk(request, chunk_type, payload, done=index == len(contexts) - 1)
+        return reply
 
 
 class Transmission:
@@ -416,14 +434,17 @@ class Transmission:
             self._handlers.start_soon(self._handle, request, taken, None)  # retried there
             return
         self.counters.requests += 1
-        if status:
-            reply = self._volume_failed(request, VolumeIOError(status))
-        elif request.command == p.Command.READ:
-            self.counters.bytes_read += request.length
-            reply = self._replies.data(request, taken[0])
-        else:
-            self.counters.bytes_written += request.length
-            reply = self._replies.done(request)
+        try:
+            if status:
+                reply = self._volume_failed(request, VolumeIOError(status))
+            elif request.command == p.Command.READ:
+                self.counters.bytes_read += request.length
+                reply = self._replies.data(request, taken[0])
+            else:
+                self.counters.bytes_written += request.length
+                reply = self._replies.done(request)
+        except Exception:  # raised here, in a completion, it would end the whole server
+            reply = self._internal_error(request)
         self._answer(request, reply, taken[1])
 
     async def _handle(self, request: Request, taken: Taken | None, refusal: RequestError | None) -> None:
@@ -438,6 +459,8 @@ class Transmission:
             reply = self._refuse(request, error.error, str(error))
         except VolumeIOError as error:
             reply = self._volume_failed(request, error)
+        except Exception:  # a bug in serving one request fails that request, not the connection
+            reply = self._internal_error(request)
         self._answer(request, reply, held)
 
     def _answer(self, request: Request, reply: list[Buffer], held: Held) -> None:
@@ -465,6 +488,10 @@ class Transmission:
     def _volume_failed(self, request: Request, error: VolumeIOError) -> list[Buffer]:
         log.warning("%s at %d+%d failed: %s", request.name, request.offset, request.length, error)
         return self._refuse(request, NBD_ERRORS.get(error.errno, p.Errno.EIO), str(error))
+
+    def _internal_error(self, request: Request) -> list[Buffer]:
+        log.exception("%s at %d+%d failed", request.name, request.offset, request.length)
+        return self._refuse(request, p.Errno.EIO, "internal server error")
 
     def _refuse(self, request: Request, error: p.Errno, message: str) -> list[Buffer]:
         self.counters.errors += 1
@@ -521,10 +548,22 @@ class Transmission:
                 await bridge.cache(offset, length)
             case p.Command.BLOCK_STATUS:
                 limit = 1 if request.flags & p.CommandFlags.REQ_ONE else MAX_EXTENTS
-                extents = block_status_extents(bridge.extents(offset, length), limit)
-                (context_id,) = self._agreement.meta_contexts  # base:allocation is our only context
-                return self._replies.block_status(request, context_id, extents)
+                return self._replies.block_status(request, [
+                    (context_id, self._context_extents(name, offset, length, limit))
+                    for context_id, name in self._agreement.meta_contexts.items()])
         return self._replies.done(request)
+
+
+    def _context_extents(self, context: str, offset: int, length: int, limit: int) -> list[dict]:
+        bridge = self._bridge
+        if context == p.BASE_ALLOCATION:
+            runs = ((e.length, ALLOCATION_FLAGS[e.allocated]) for e in bridge.extents(offset, length))
+        elif context == p.QEMU_ALLOCATION_DEPTH:
+            runs = bridge.depths(offset, length)
+        else:  # negotiation offers no other kind
+            since = context.removeprefix(p.QEMU_DIRTY_BITMAP)
+            runs = ((e.length, DIRTY_FLAGS[e.allocated]) for e in bridge.changes(since, offset, length))
+        return block_status_extents(runs, limit)
 
 
 def allowed_flags(agreement: Agreement) -> dict[int, int]:
@@ -542,15 +581,20 @@ def allowed_flags(agreement: Agreement) -> dict[int, int]:
     return table
 
 
-def block_status_extents(extents: Sequence[Extent], limit: int) -> list[dict]:
-    """`base:allocation` descriptors: runs of equal state merged, at most `limit`."""
+# Extent flags by `Extent.allocated`, per context.
+ALLOCATION_FLAGS = {True: int(p.BlockState.DATA), False: int(p.BlockState.HOLE | p.BlockState.ZERO)}
+DIRTY_FLAGS = {True: p.DIRTY, False: 0}  # allocated: changed since the snapshot
+
+
+def block_status_extents(runs: Iterable[tuple[int, int]], limit: int) -> list[dict]:
+    """A context's descriptors from (length, flags) runs: equal neighbours merged, at
+    most `limit`."""
     descriptors: list[dict] = []
-    for extent in extents:
-        state = p.BlockState.DATA if extent.allocated else p.BlockState.HOLE | p.BlockState.ZERO
+    for length, state in runs:
         if descriptors and descriptors[-1]["flags"] == state:
-            descriptors[-1]["length"] += extent.length
+            descriptors[-1]["length"] += length
         elif len(descriptors) == limit:
             break
         else:
-            descriptors.append(dict(length=extent.length, flags=state))
+            descriptors.append(dict(length=length, flags=state))
     return descriptors

@@ -27,12 +27,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Protocol
+from functools import partial
+from typing import Protocol, TypeVar
 
 import attrs
 import trio
 
-from .store import Extent, HeadImage, SnapshotImage, Store
+from .store import Extent, HeadImage, SnapshotImage, Store, StoreError, split_snapshot_name
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ S5_LIB_VER = 0x00010000
 DEFAULT_IO_DEPTH = 120
 SECTOR = 512
 
+T = TypeVar("T")
 IoHandler = Callable[[object, int], None]  # ulp_io_handler(cbk_arg, complete_status)
 NO_DATA = memoryview(b"")
 
@@ -60,12 +62,18 @@ class VolumeBackend(Protocol):
     so it says no and the bridge writes zeros); `allocation` reports what was never
     written (the real library reports everything allocated); `flush` makes completed
     writes durable (a no-op for the real library: an acknowledged write is already
-    on its replicas).
+    on its replicas); `changes(since, ...)` reports where the volume may differ from
+    its snapshot `since`, for each snapshot in `dirty_bitmaps`, and `depths` which
+    layer of a snapshot's chain each byte comes from, where `has_depths` (neither
+    for the real library, whose client API cannot tell).
     """
 
+    name: str  # VOLUME or VOLUME@SNAP, for the log
     size: int
     read_only: bool
     can_discard: bool
+    dirty_bitmaps: Sequence[str]  # older snapshots `changes` can compare with
+    has_depths: bool
 
     def iov_submit(
         self, iov: Sequence[memoryview], length: int, offset: int,
@@ -75,6 +83,10 @@ class VolumeBackend(Protocol):
     def discard_submit(self, offset: int, length: int, callback: IoHandler, cbk_arg: object) -> int: ...
 
     def allocation(self, offset: int, length: int) -> Iterator[Extent]: ...
+
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]: ...
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]: ...
 
     def flush(self) -> None: ...
 
@@ -139,15 +151,21 @@ class EmulatedClient:
         if not 0 < self.io_depth <= PF_MAX_IO_DEPTH:
             raise VolumeOpenError(f"io_depth must be 1..{PF_MAX_IO_DEPTH}")
         export = f"{name}@{snap}" if snap else name
-        return EmulatedVolume(self.store.open_image(export), export, self.io_depth, self.faults)
+        return EmulatedVolume(self.store, self.store.open_image(export), export, self.io_depth, self.faults)
 
 
 class EmulatedVolume:
     can_discard = True
 
-    def __init__(self, image: HeadImage | SnapshotImage, name: str, io_depth: int,
+    def __init__(self, store: Store, image: HeadImage | SnapshotImage, name: str, io_depth: int,
                  faults: Faults = Faults()) -> None:
+        self._store = store
         self._image = image
+        self._volume, self._snapshot = split_snapshot_name(name)
+        meta = store.get(self._volume)
+        older = meta.snapshots[: meta.snapshot_index(self._snapshot)] if self._snapshot else meta.snapshots
+        self.dirty_bitmaps = tuple(snapshot.name for snapshot in older)
+        self.has_depths = isinstance(image, SnapshotImage)
         self._faults = faults
         self._random = random.Random(faults.seed)
         self.name = name
@@ -211,6 +229,15 @@ class EmulatedVolume:
     def allocation(self, offset: int, length: int) -> Iterator[Extent]:
         return self._image.extents(offset, length)
 
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]:
+        try:
+            yield from self._store.changes(self._volume, since, self._snapshot, offset, length)
+        except StoreError as error:  # `since` deleted meanwhile
+            raise OSError(errno.ENOENT, str(error)) from None
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        return self._image.depths(offset, length)
+
     def flush(self) -> None:
         self._image.sync()
 
@@ -233,18 +260,14 @@ class EmulatedVolume:
         closing = False
         while not closing:
             timeout = max(0.0, delayed[0][0] - time.monotonic()) if delayed else None
-            finished = []
             taken = self._take_queued(timeout)  # never wait while holding the batch
-            with self._image.batch():
-                for io in taken:
-                    if io is None:  # closing: nothing is submitted after this
-                        closing = True
-                        break
-                    status = self._execute(io)
-                    if self._faults.delay:
-                        heapq.heappush(delayed, (time.monotonic() + self._faults.delay, next(sequence), io, status))
-                    else:
-                        finished.append((io, status))
+            closing = None in taken  # the last: nothing is submitted after it
+            finished = self._execute_batch([io for io in taken if io is not None])
+            if self._faults.delay:
+                due = time.monotonic() + self._faults.delay
+                for io, status in finished:
+                    heapq.heappush(delayed, (due, next(sequence), io, status))
+                finished = []
             now = time.monotonic()
             while delayed and (closing or delayed[0][0] <= now):
                 _, _, io, status = heapq.heappop(delayed)
@@ -256,7 +279,10 @@ class EmulatedVolume:
         try:
             taken = [self._queue.get_nowait()]
         except queue.Empty:
-            self._image.idle()  # about to wait: nothing is kept from other processes
+            try:
+                self._image.idle()  # about to wait: nothing is kept from other processes
+            except Exception:  # the barrier goes with the next batch's release instead
+                log.exception("volume %s: letting the snapshot barrier go failed", self.name)
             try:
                 taken = [self._queue.get(timeout=timeout)]
             except queue.Empty:
@@ -267,12 +293,28 @@ class EmulatedVolume:
             except queue.Empty:
                 return taken
 
+    def _execute_batch(self, ios: list[_Io]) -> list[tuple[_Io, int]]:
+        """Each I/O with its status.  The image failing to start or end a batch fails
+        every I/O of it: one may have been done, but none is reported done."""
+        if not ios:
+            return []
+        try:
+            with self._image.batch():
+                done = [(io, self._execute(io)) for io in ios]
+        except Exception:
+            log.exception("volume %s: a batch of %d I/Os failed", self.name, len(ios))
+            return [(io, -errno.EIO) for io in ios]
+        return done
+
     def _complete(self, finished: list[tuple[_Io, int]]) -> None:
         with self._pool_lock:
             self._in_flight -= len(finished)
             self._data_buffers.extend(io.buffers.obj for io, _ in finished if io.kind == "write")
         for io, status in finished:
-            io.callback(io.cbk_arg, status)
+            try:
+                io.callback(io.cbk_arg, status)
+            except Exception:  # the submitter's bug: the other callbacks are still owed
+                log.exception("volume %s: the callback of a %s raised", self.name, io.kind)
 
     def _execute(self, io: _Io) -> int:
         if self._faults.error_rate and self._random.random() < self._faults.error_rate:
@@ -289,6 +331,9 @@ class EmulatedVolume:
         except OSError as error:
             log.error("volume %s: %s at offset %d failed: %s", self.name, io.kind, io.offset, error)
             return -(error.errno or errno.EIO)
+        except Exception:  # a bug must fail this I/O, not end the thread every submitter waits on
+            log.exception("volume %s: %s at offset %d failed", self.name, io.kind, io.offset)
+            return -errno.EIO
         return 0
 
 
@@ -309,12 +354,12 @@ def _zero_tail(buffers: Sequence[memoryview], start: int) -> None:
 class VolumeIOError(Exception):
     """A submit or completion failed; `errno` is a positive host errno."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, reason: str | None = None) -> None:
         self.status = status
         # Positive statuses are PureFlash message statuses (0xC3 connection lost...).
         self.errno = -status if status < 0 else errno.EIO
-        super().__init__(f"PureFlash I/O failed with status {status:#x}" if status > 0
-                         else f"PureFlash I/O failed: {errno.errorcode.get(-status, -status)}")
+        super().__init__(reason or (f"PureFlash I/O failed with status {status:#x}" if status > 0
+                                    else f"PureFlash I/O failed: {errno.errorcode.get(-status, -status)}"))
 
 
 class _Batch:
@@ -488,6 +533,10 @@ class VolumeBridge:
         self.size = backend.size
         self._inbox = _CompletionInbox(trio.lowlevel.current_trio_token())
         self._mutations = RangeLock()
+        # Set once a flush fails.  The kernel may have dropped the dirty pages of the
+        # writes that flush covered, so a later flush that succeeds would prove
+        # nothing: writes and flushes fail until the volume is opened again.
+        self._flush_failure: VolumeIOError | None = None
 
     # -- submitting -------------------------------------------------------
 
@@ -507,17 +556,21 @@ class VolumeBridge:
             pending = sorted(failures)
 
     async def _submit_round(self, submits: Sequence[Submit], indices: Iterable[int]) -> dict[int, int]:
+        """Submits `indices` of `submits` and waits for their callbacks: the failed
+        ones, with their statuses.  A submit refused outright ends the round, and it
+        counts as failed with that status, as does every submit after it, never made."""
         batch = _Batch()
+        indices = list(indices)
         # The library owns our buffers until every callback: never abandon a batch.
         with trio.CancelScope(shield=True):
-            for index in indices:
+            for position, index in enumerate(indices):
                 delay = EAGAIN_FIRST_DELAY
                 while (status := submits[index](self._inbox.callback, (batch, index))) == -errno.EAGAIN:
                     await trio.sleep(delay)
                     delay = min(2 * delay, EAGAIN_MAX_DELAY)
                 if status:
-                    batch.failures[index] = status
-                    break  # refused outright: submit nothing more, wait for the rest
+                    batch.failures.update(dict.fromkeys(indices[position:], status))
+                    break
                 batch.outstanding += 1
             batch.outstanding -= 1
             if batch.outstanding:
@@ -553,7 +606,7 @@ class VolumeBridge:
         not whole sectors, in conflict with a mutation, or the first submit refused.
         """
         length = len(buffer)
-        if not (length and self.whole_sectors(offset, length)):
+        if not (length and self.whole_sectors(offset, length)) or (is_write and self._flush_failure):
             return False
         pieces = [buffer] if length <= PF_MAX_IO_SIZE else [
             buffer[start : start + PF_MAX_IO_SIZE] for start in range(0, length, PF_MAX_IO_SIZE)]
@@ -598,7 +651,12 @@ class VolumeBridge:
         await self._transfer(start, [buffer], is_write=False)
         return buffer[offset - start : offset - start + length]
 
+    def _refuse_if_flush_failed(self) -> None:
+        if self._flush_failure is not None:
+            raise self._flush_failure
+
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        self._refuse_if_flush_failed()
         start, end = align_down(offset), align_up(offset + len(data))
         async with self._mutations.hold(start, end):
             await self._write_locked(offset, [data])
@@ -619,6 +677,7 @@ class VolumeBridge:
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
         """Zeroes a range; with `may_trim`, whole sectors may be released instead."""
+        self._refuse_if_flush_failed()
         start, end = align_down(offset), align_up(offset + length)
         async with self._mutations.hold(start, end):
             if not (may_trim and self.backend.can_discard):
@@ -639,7 +698,7 @@ class VolumeBridge:
             return
         # With the range locked nothing can fill a hole under us, so holes, which
         # already read as zeros, need no writing.
-        extents = self.backend.allocation(offset, length) if skip_holes else [Extent(offset, length, True)]
+        extents = self.extents(offset, length) if skip_holes else [Extent(offset, length, True)]
         for extent in extents:
             if extent.allocated:
                 count, rest = divmod(extent.length, PF_MAX_IO_SIZE)
@@ -656,7 +715,15 @@ class VolumeBridge:
         return may_trim and self.backend.can_discard
 
     async def flush(self) -> None:
-        await trio.to_thread.run_sync(self.backend.flush)
+        self._refuse_if_flush_failed()
+        try:
+            await trio.to_thread.run_sync(self.backend.flush)
+        except OSError as error:
+            reason = (f"flush of {self.backend.name} failed ({error.strerror or error}): writes may be"
+                      " lost; writes and flushes fail until the volume is opened again")
+            log.error("%s", reason)
+            self._flush_failure = VolumeIOError(-(error.errno or errno.EIO), reason)
+            raise self._flush_failure from error
 
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch: read the range and drop it, a chunk at a time."""
@@ -664,7 +731,23 @@ class VolumeBridge:
             await self.read(start, min(CACHE_CHUNK, offset + length - start))
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        return self.backend.allocation(offset, length)
+        """The allocation of a range; a failure to learn it raises `VolumeIOError`."""
+        return self._block_status(self.backend.allocation, offset, length)
+
+    def changes(self, since: str, offset: int, length: int) -> Iterator[Extent]:
+        """Where the volume may differ from its snapshot `since` (`allocated`: changed)."""
+        return self._block_status(partial(self.backend.changes, since), offset, length)
+
+    def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """(length, depth) runs of a snapshot's allocation depth."""
+        return self._block_status(self.backend.depths, offset, length)
+
+    def _block_status(self, source: Callable[[int, int], Iterator[T]], offset: int, length: int) -> Iterator[T]:
+        try:
+            yield from source(offset, length)
+        except OSError as error:
+            log.error("block status of %s at %d+%d failed: %s", self.backend.name, offset, length, error)
+            raise VolumeIOError(-(error.errno or errno.EIO)) from error
 
     def close(self) -> None:
         self.backend.close()

@@ -106,13 +106,14 @@ def start_server(cli: Cli, tmp_path: Path):
     """Factory: start `pfnbd serve` on a fresh socket for the given volumes.
 
     Volumes named in `volumes` are created first (name -> size as the CLI takes it)
-    unless they already exist. `socket` restarts a server on an earlier one's socket.
-    Every server still running at teardown is stopped with SIGTERM and must exit 0.
+    unless they already exist; `env` adds to the server's environment; `socket` restarts
+    a server on an earlier one's socket. Every server still running at teardown is
+    stopped with SIGTERM and must exit 0.
     """
     servers: list[Server] = []
 
     def start(volumes: dict[str, str] | None = None, *extra: str, exports: list[str] | None = None,
-              socket: Path | None = None) -> Server:
+              env: dict[str, str] | None = None, socket: Path | None = None) -> Server:
         volumes = {"test_v1": "64M"} if volumes is None else volumes
         existing = {v["name"] for v in json.loads(cli.run("volume", "list", "--json").stdout)}
         for name, size in volumes.items():
@@ -126,7 +127,8 @@ def start_server(cli: Cli, tmp_path: Path):
             args += ["--volume", name]
         log = open(log_path, "w")
         process = subprocess.Popen(
-            pfnbd_command(*args, *extra), env=cli.env, stdout=log, stderr=subprocess.STDOUT, text=True
+            pfnbd_command(*args, *extra), env={**cli.env, **(env or {})}, stdout=log,
+            stderr=subprocess.STDOUT, text=True
         )
         log.close()
         wait_for_socket(process, socket, log_path, serving=restarting)

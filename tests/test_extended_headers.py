@@ -94,12 +94,16 @@ class RawClient:
             if kind == REP_ACK or kind & 0x80000000:
                 return replies
 
-    def go(self, name: bytes = b"test_v1") -> None:
-        query = b"base:allocation"
-        meta = struct.pack(">I", len(name)) + name + struct.pack(">II", 1, len(query)) + query
-        assert self.option(OPT_SET_META_CONTEXT, meta)[0][0] == REP_META_CONTEXT
+    def go(self, name: bytes = b"test_v1", queries: tuple[bytes, ...] = (b"base:allocation",)) -> dict[bytes, int]:
+        """Selects the meta contexts `queries` name and enters transmission: name -> id."""
+        meta = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+        meta += b"".join(struct.pack(">I", len(query)) + query for query in queries)
+        replies = self.option(OPT_SET_META_CONTEXT, meta)
+        assert [kind for kind, _ in replies] == [REP_META_CONTEXT] * len(queries) + [REP_ACK], replies
+        selected = {payload[4:]: struct.unpack(">I", payload[:4])[0] for _, payload in replies[:-1]}
         replies = self.option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
         assert replies[-1][0] == REP_ACK
+        return selected
 
     def request(self, command: int, offset: int, length: int, cookie: int, flags: int = 0,
                 payload: bytes = b"") -> tuple[int, int, int, int, int, bytes]:
