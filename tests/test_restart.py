@@ -87,7 +87,7 @@ def test_qemu_writer_survives_three_restarts_with_a_core_busy(start_server, busy
     assert f"read {VOLUME_MIB * MiB}/{VOLUME_MIB * MiB}" in checked.stdout, checked.stdout
 
 
-# Holds a 64 KiB write in flight (completions take 2 s) and says when it is acknowledged.
+# Holds a 64 KiB write in flight and says when it is acknowledged.
 HELD_WRITE = r"""
 import sys
 import nbd
@@ -106,7 +106,8 @@ def test_next_server_takes_the_socket_while_the_old_one_drains(start_server):
     """The emulated cluster lets one process serve a volume, so the next server exports
     another one here; a real PureFlash cluster has no such lock, and there the next
     server may serve the same volume as soon as the old one stops listening."""
-    old = start_server({"test_v1": "64M"}, "--inject-delay", "2")
+    # The write takes 8 s: long enough for the next server to start on a loaded machine.
+    old = start_server({"test_v1": "64M"}, "--inject-delay", "8", "--shutdown-timeout", "20")
     client = subprocess.Popen(["/usr/bin/python3", "-c", HELD_WRITE, old.uri()],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
