@@ -21,7 +21,8 @@ import typer
 
 from . import protocol as p
 from .negotiation import TlsMode
-from .pureflash import LIBRARY_ENV, PureFlashClient
+from .conductor import Conductor
+from .pureflash import DEFAULT_CONF, LIBRARY_ENV, PureFlashClient
 from .server import (
     HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt,
     open_exports, open_tcp_listeners, open_unix_listener, remove_socket, SocketFile, socket_file,
@@ -44,7 +45,7 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Serve PureFlash volumes over NBD.",
 )
-volume_app = typer.Typer(no_args_is_help=True, help="Manage the volumes of the embedded cluster.")
+volume_app = typer.Typer(no_args_is_help=True, help="Manage the volumes of the embedded cluster, or with --backend pureflash a real one.")
 app.add_typer(volume_app, name="volume")
 
 
@@ -88,15 +89,41 @@ def main_options(
     ctx.obj = Store(data_dir or default_data_dir())
 
 
+class Backend(str, enum.Enum):
+    EMULATED = "emulated"
+    PUREFLASH = "pureflash"
+
+
+BackendOption = Annotated[Backend, typer.Option(
+    "--backend", case_sensitive=False,
+    help="emulated: the embedded cluster of the data directory; pureflash: a real cluster "
+         f"(serve: through the shared libs5common named by ${LIBRARY_ENV}; volume: through "
+         "its conductor).")]
+ConfOption = Annotated[Optional[Path], typer.Option(
+    "--conf", help="PureFlash client configuration, for --backend pureflash.",
+    show_default=str(DEFAULT_CONF))]
+
+
+def _volumes(ctx: typer.Context, backend: Backend, conf: Path | None) -> Store | Conductor:
+    """Where `volume` subcommands act: the data directory, or a real cluster's conductor."""
+    if backend is Backend.PUREFLASH:
+        return Conductor(conf or DEFAULT_CONF)
+    if conf is not None:
+        raise CliError("--conf needs --backend pureflash")
+    return ctx.obj
+
+
 @volume_app.command("create")
 def volume_create(
     ctx: typer.Context,
     name: str,
     size: Annotated[str, typer.Option("--size", "-s", help="Bytes, or with a K/M/G/T suffix.")],
     replicas: Annotated[int, typer.Option("--replicas", "-r", help="Replica count, 1 to 3.")] = 1,
+    backend: BackendOption = Backend.EMULATED,
+    conf: ConfOption = None,
 ) -> None:
     """Create a volume."""
-    meta = ctx.obj.create(name, parse_size(size), replicas)
+    meta = _volumes(ctx, backend, conf).create(name, parse_size(size), replicas)
     typer.echo(f"created volume {meta.name}: {human_size(meta.size)}")
 
 
@@ -104,9 +131,11 @@ def volume_create(
 def volume_list(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    backend: BackendOption = Backend.EMULATED,
+    conf: ConfOption = None,
 ) -> None:
     """List volumes."""
-    volumes = ctx.obj.list()
+    volumes = _volumes(ctx, backend, conf).list()
     if as_json:
         typer.echo(json.dumps([v.to_json() for v in volumes], indent=2))
         return
@@ -127,9 +156,11 @@ def volume_info(
     ctx: typer.Context,
     name: str,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    backend: BackendOption = Backend.EMULATED,
+    conf: ConfOption = None,
 ) -> None:
     """Show one volume."""
-    meta = ctx.obj.get(name)
+    meta = _volumes(ctx, backend, conf).get(name)
     if as_json:
         typer.echo(json.dumps(meta.to_json(), indent=2))
         return
@@ -141,23 +172,35 @@ def volume_info(
 
 
 @volume_app.command("snapshot")
-def volume_snapshot(ctx: typer.Context, name: str, snapshot: str) -> None:
+def volume_snapshot(
+    ctx: typer.Context, name: str, snapshot: str,
+    backend: BackendOption = Backend.EMULATED,
+    conf: ConfOption = None,
+) -> None:
     """Take a snapshot: it keeps this moment's data while the volume moves on."""
-    ctx.obj.create_snapshot(name, snapshot)
+    _volumes(ctx, backend, conf).create_snapshot(name, snapshot)
     typer.echo(f"created snapshot {name}@{snapshot}")
 
 
 @volume_app.command("snapshot-delete")
-def volume_snapshot_delete(ctx: typer.Context, name: str, snapshot: str) -> None:
+def volume_snapshot_delete(
+    ctx: typer.Context, name: str, snapshot: str,
+    backend: BackendOption = Backend.EMULATED,
+    conf: ConfOption = None,
+) -> None:
     """Delete a snapshot."""
-    ctx.obj.delete_snapshot(name, snapshot)
+    _volumes(ctx, backend, conf).delete_snapshot(name, snapshot)
     typer.echo(f"deleted snapshot {name}@{snapshot}")
 
 
 @volume_app.command("delete")
-def volume_delete(ctx: typer.Context, name: str) -> None:
+def volume_delete(
+    ctx: typer.Context, name: str,
+    backend: BackendOption = Backend.EMULATED,
+    conf: ConfOption = None,
+) -> None:
     """Delete a volume and its data."""
-    ctx.obj.delete(name)
+    _volumes(ctx, backend, conf).delete(name)
     typer.echo(f"deleted volume {name}")
 
 
@@ -217,11 +260,6 @@ def volume_export(
     typer.echo(f"exported {name} to {target}: {human_size(size)}")
 
 
-class Backend(str, enum.Enum):
-    EMULATED = "emulated"
-    PUREFLASH = "pureflash"
-
-
 FAULTS = "Fault injection (emulated cluster only)"
 
 
@@ -257,13 +295,8 @@ def serve(
     shutdown_timeout: Annotated[float, typer.Option(
         "--shutdown-timeout", help="Seconds requests in flight get at SIGTERM before they are "
                                    "answered ESHUTDOWN and the connections closed.")] = SHUTDOWN_TIMEOUT,
-    backend: Annotated[Backend, typer.Option(
-        "--backend", case_sensitive=False,
-        help="emulated: the embedded cluster of the data directory; pureflash: a real cluster, "
-             f"through the shared libs5common named by ${LIBRARY_ENV}.")] = Backend.EMULATED,
-    conf: Annotated[Optional[Path], typer.Option(
-        "--conf", help="PureFlash client configuration, for --backend pureflash.",
-        show_default="/etc/pureflash/pf.conf")] = None,
+    backend: BackendOption = Backend.EMULATED,
+    conf: ConfOption = None,
     io_depth: Annotated[int, typer.Option(
         "--io-depth", help="The client library's [client] io_depth: 2x this many submits in flight.",
         rich_help_panel=FAULTS)] = DEFAULT_IO_DEPTH,
@@ -315,7 +348,7 @@ def serve(
         if conf is not None:
             raise CliError("--conf needs --backend pureflash")
         names = _emulated_exports(store, volumes, all_volumes)
-        client = EmulatedClient(store, io_depth, _faults(io_depth, error_rate, error_status, delay))
+        client = EmulatedClient(store, io_depth, _faults(io_depth, error_rate, error_status, delay), read_only)
         describe = store.describe
     if len(set(names)) != len(names):
         raise CliError("a volume is named twice in --volume")

@@ -1,9 +1,8 @@
 """The real PureFlash client library behind the `VolumeBackend` interface.
 
-`PureFlashClient` loads the user's shared build of `libs5common` (PureFlash builds only a
-static archive: link one from it with `-shared -Wl,--whole-archive libs5common.a
--Wl,--no-whole-archive` plus its dependencies) and opens volumes of a real cluster with
-`pf_open_volume`; `PureFlashVolume` submits with `pf_iov_submit` and hands each
+`PureFlashClient` loads a shared build of `libs5common` (PureFlash builds only a static
+archive; `scripts/pureflash-cluster build` links the shared one, see the README) and opens
+volumes of a real cluster with `pf_open_volume`; `PureFlashVolume` submits with `pf_iov_submit` and hands each
 completion, which arrives on the library's own thread (`vol_proc`), to the bridge's
 callback exactly as `EmulatedVolume` does.
 

@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -143,11 +144,31 @@ class Extent:
     allocated: bool
 
 
+def write_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> None:
+    """Writes every byte of `buffers` at `offset`, or raises OSError.
+
+    `pwritev` may write less than asked (a file size limit, a disk filling up);
+    the rest is written again, and the call that can make no progress raises the
+    real reason (EFBIG, ENOSPC, EIO).  Every write of the store goes through here:
+    an unchecked count is a lost write acknowledged."""
+    views = [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
+    while views:
+        done = os.pwritev(fd, views, offset)
+        if done == 0:
+            raise OSError(errno.EIO, "write made no progress")
+        offset += done
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if done:
+            views[0] = views[0][done:]
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, data)
+        write_all(fd, [data], 0)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -251,6 +272,7 @@ class Store:
     def get(self, name: str) -> VolumeMeta:
         if "@" in name:
             raise StoreError(f"{name!r} names a snapshot, not a volume")
+        check_name(name)  # every entry point comes here first: no name leaves the data directory
         try:
             return VolumeMeta.from_json(json.loads(self._meta_path(name).read_bytes()))
         except FileNotFoundError:
@@ -302,6 +324,13 @@ class Store:
                 raise VolumeExists(f"volume {name!r} already has a snapshot {snapshot!r}")
             for path in (self.image_path(name, snapshot), self._map_path(name, snapshot)):
                 path.unlink(missing_ok=True)  # debris of a create that crashed
+            # What the head was acknowledged to hold must be durable before the
+            # snapshot says it holds it: after a host crash it must still be there.
+            head = os.open(self.image_path(name), os.O_RDONLY)
+            try:
+                os.fdatasync(head)
+            finally:
+                os.close(head)
             _create_sparse(self.image_path(name, snapshot), meta.size)
             _create_sparse(self._map_path(name, snapshot), meta.chunks)
             new = SnapshotMeta(snapshot, 1 + max((s.id for s in meta.snapshots), default=0), _now())
@@ -328,15 +357,7 @@ class Store:
                 _SnapshotFiles(self, meta.name, older.name, writable=True) as target:
             source_map, target_map = source.read_map(0, meta.chunks), target.read_map(0, meta.chunks)
             moved = [c for c in range(meta.chunks) if source_map[c] and not target_map[c]]
-            for chunk in moved:
-                start = chunk * CHUNK
-                data = os.pread(source.image, min(CHUNK, meta.size - start), start)
-                if data != _ZEROES[: len(data)]:
-                    os.pwrite(target.image, data, start)
-            os.fsync(target.image)
-            for chunk in moved:
-                os.pwrite(target.map, b"\1", chunk)
-            os.fsync(target.map)
+            target.preserve(source.image, moved, meta.size)
 
     # -- what changed -----------------------------------------------------
 
@@ -411,12 +432,12 @@ class Store:
 
     # -- opening ----------------------------------------------------------
 
-    def open_image(self, name: str) -> HeadImage | SnapshotImage:
+    def open_image(self, name: str, read_only: bool = False) -> HeadImage | ReadOnlyHead | SnapshotImage:
         """The image behind an export name: a volume's head, or `VOLUME@SNAP`."""
         meta, snapshot = self.get_export(name)
-        if snapshot is None:
-            return HeadImage(self, meta)
-        return SnapshotImage(self, meta, snapshot.name)
+        if snapshot is not None:
+            return SnapshotImage(self, meta, snapshot.name)
+        return ReadOnlyHead(self, meta) if read_only else HeadImage(self, meta)
 
 
 
@@ -431,16 +452,17 @@ class _MetaWatch:
         self._path = path
         self._fd: int | None = None
 
-    def changed(self) -> VolumeMeta | None:
-        """The metadata if it changed since the last call (the first call: always)."""
+    def refresh(self, apply: Callable[[VolumeMeta], None]) -> None:
+        """Calls `apply` with the metadata if it changed since `apply` last succeeded
+        (the first call: always).  The change counts as seen only once `apply`
+        returns: when it raises, the next call offers the same change again."""
         if self._fd is not None and os.fstat(self._fd).st_nlink:
-            return None
+            return
         with open(self._path, "rb") as file:
-            meta = VolumeMeta.from_json(json.loads(file.read()))
+            apply(VolumeMeta.from_json(json.loads(file.read())))
             fd = os.dup(file.fileno())
         self.close()
         self._fd = fd
-        return meta
 
     def close(self) -> None:
         if self._fd is not None:
@@ -455,10 +477,37 @@ class _SnapshotFiles:
         mode = os.O_RDWR if writable else os.O_RDONLY
         self.snapshot = snapshot
         self.image = os.open(store.image_path(name, snapshot), mode)
-        self.map = os.open(store._map_path(name, snapshot), mode)
+        try:
+            self.map = os.open(store._map_path(name, snapshot), mode)
+        except BaseException:
+            os.close(self.image)
+            raise
 
     def read_map(self, first_chunk: int, count: int) -> bytes:
         return os.pread(self.map, count, first_chunk)
+
+    def preserve(self, source: int, chunks: Sequence[int], size: int) -> None:
+        """Copies `chunks` of `source` (a file of `size` bytes) here and marks them
+        preserved, in that order: a chunk is marked only once its copy is wholly
+        written and durable, so a failure anywhere leaves it unmarked, and the
+        caller must not overwrite what it was copying."""
+        if not chunks:
+            return
+        for chunk in chunks:
+            start = chunk * CHUNK
+            length = min(CHUNK, size - start)
+            data = os.pread(source, length, start)
+            if len(data) != length:
+                raise OSError(errno.EIO, f"short read of chunk {chunk} to preserve")
+            if data != _ZEROES[:length]:  # a zero chunk stays a hole in the snapshot
+                write_all(self.image, [data], start)
+        # The copies must be durable before they are marked, and the marks before
+        # the source is overwritten, or a crash could leave the snapshot pointing
+        # at new data.
+        os.fdatasync(self.image)
+        for chunk in chunks:
+            write_all(self.map, [b"\1"], chunk)
+        os.fdatasync(self.map)
 
     def close(self) -> None:
         os.close(self.image)
@@ -495,7 +544,8 @@ def file_extents(fd: int, offset: int, length: int) -> Iterator[Extent]:
 
 
 class _Image:
-    """What both image kinds share: the head file, its size, shared-lock lifetime."""
+    """What every image kind shares: the head file, its size, shared-lock lifetime;
+    read-only unless a kind says otherwise."""
 
     writable = False
 
@@ -515,10 +565,37 @@ class _Image:
     def idle(self) -> None:
         """Nothing more is queued: what a batch kept for the next one is let go."""
 
+    def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
+        return os.preadv(self._head, buffers, offset)
+
+    def writev(self, buffers: Sequence[bytes | memoryview], offset: int) -> None:
+        raise OSError(errno.EROFS, f"{self.name} is open read-only")
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        raise OSError(errno.EROFS, f"{self.name} is open read-only")
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        return file_extents(self._head, offset, length)
+
+    def sync(self) -> None:
+        pass  # nothing to make durable: nothing is written through a read-only image
+
     def close(self) -> None:
         self._meta.close()
         os.close(self._head)
         os.close(self._own)
+
+
+class ReadOnlyHead(_Image):
+    """A volume's live bytes, for reading only.
+
+    It takes none of the writer's locks and creates no file, so it works on a
+    read-only data directory and never keeps a writer (in this process or another)
+    out.  Reading a head another process writes is what reading a file under a
+    writer is: each block is old or new, as with `qemu-nbd -r` on a file."""
+
+    def __init__(self, store: Store, meta: VolumeMeta) -> None:
+        super().__init__(store, meta, store.image_path(meta.name), os.O_RDONLY)
 
 
 class HeadImage(_Image):
@@ -540,20 +617,32 @@ class HeadImage(_Image):
         self._batching = False
         self._barrier_held = False
         self._barrier_taken = 0.0
-        self._refresh()
+        try:
+            self._refresh()
+        except BaseException:
+            self.close()
+            raise
 
     def _refresh(self) -> None:
-        """Picks up snapshots taken or deleted since the last write (by any process)."""
-        meta = self._meta.changed()
-        if meta is None:
-            return
-        newest = meta.snapshots[-1].name if meta.snapshots else None
+        """Picks up snapshots taken or deleted since the last write (by any process).
+
+        The new snapshot's files are opened and read before the old ones are let
+        go: if that fails the write fails, and the next write tries again, so no
+        write ever goes to the head without what the newest snapshot needs."""
+        self._meta.refresh(self._use_snapshots)
+
+    def _use_snapshots(self, meta: VolumeMeta) -> None:
+        newest, newest_map = None, bytearray()
+        if meta.snapshots:
+            newest = _SnapshotFiles(self._store, self.name, meta.snapshots[-1].name, writable=True)
+            try:
+                newest_map = bytearray(newest.read_map(0, meta.chunks))
+            except BaseException:
+                newest.close()
+                raise
         if self._newest is not None:
             self._newest.close()
-            self._newest = None
-        if newest is not None:
-            self._newest = _SnapshotFiles(self._store, self.name, newest, writable=True)
-            self._newest_map = bytearray(self._newest.read_map(0, meta.chunks))
+        self._newest, self._newest_map = newest, newest_map
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -605,28 +694,14 @@ class HeadImage(_Image):
         if snapshot is None:
             return
         needed = [c for c in _chunks(offset, length) if not self._newest_map[c]]
-        if not needed:
-            return
+        snapshot.preserve(self._head, needed, self.size)
         for chunk in needed:
-            start = chunk * CHUNK
-            data = os.pread(self._head, min(CHUNK, self.size - start), start)
-            if data != _ZEROES[: len(data)]:  # a zero chunk stays a hole in the snapshot
-                os.pwrite(snapshot.image, data, start)
-        # The copies must be durable before the head is overwritten, or a crash could
-        # leave the snapshot pointing at new data.
-        os.fdatasync(snapshot.image)
-        for chunk in needed:
-            os.pwrite(snapshot.map, b"\1", chunk)
             self._newest_map[chunk] = 1
-        os.fdatasync(snapshot.map)
-
-    def readv(self, buffers: Sequence[memoryview], offset: int) -> int:
-        return os.preadv(self._head, buffers, offset)
 
     def writev(self, buffers: Sequence[bytes | memoryview], offset: int) -> None:
         self._begin_write(offset, sum(map(len, buffers)))
         try:
-            os.pwritev(self._head, buffers, offset)
+            write_all(self._head, buffers, offset)
         finally:
             self._end_write()
 
@@ -644,41 +719,54 @@ class HeadImage(_Image):
         finally:
             self._end_write()
 
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        return file_extents(self._head, offset, length)
-
     def sync(self) -> None:
         os.fdatasync(self._head)
 
     def close(self) -> None:
-        if self._newest is not None:
-            self._newest.close()
-        os.close(self._barrier)
-        super().close()
-        os.close(self._writer)
+        """Makes every write durable (a clean stop loses nothing), then lets go."""
+        try:
+            self.sync()
+        finally:
+            if self._newest is not None:
+                self._newest.close()
+            os.close(self._barrier)
+            super().close()
+            os.close(self._writer)
 
 
 class SnapshotImage(_Image):
-    """A snapshot's bytes, read-only, resolved chunk by chunk."""
+    """A snapshot's bytes, read-only, resolved chunk by chunk.
+
+    Its layer files are opened and closed as snapshots come and go, from whichever
+    thread asks: reads run on the volume's `vol_proc`, extents on the caller's (the
+    trio) thread.  `_lock` owns the layer descriptors: every open, use and close of
+    one is under it, so no thread closes a descriptor another is still using (its
+    number could by then be a socket or a head image)."""
+
+    # Extents are resolved this many chunks at a time, lazily: a caller that needs
+    # a prefix of a huge range (BLOCK_STATUS caps its answer) pays for the prefix.
+    EXTENT_WINDOW = 1024
 
     def __init__(self, store: Store, meta: VolumeMeta, snapshot: str) -> None:
         super().__init__(store, meta, store.image_path(meta.name, snapshot), os.O_RDONLY)
         self.snapshot = snapshot
+        self._lock = threading.Lock()
         self._files: dict[str, _SnapshotFiles] = {}
         self._layers: list[_SnapshotFiles] = []
 
     def _current_layers(self) -> list[_SnapshotFiles]:
         """This snapshot and every newer one, oldest first, as the metadata says now."""
-        meta = self._meta.changed()
-        if meta is not None:
-            names = [s.name for s in meta.snapshots[meta.snapshot_index(self.snapshot):]]
-            for gone in set(self._files) - set(names):
-                self._files.pop(gone).close()
-            for name in names:
-                if name not in self._files:
-                    self._files[name] = _SnapshotFiles(self._store, self.name, name)
-            self._layers = [self._files[name] for name in names]
+        self._meta.refresh(self._use_layers)
         return self._layers
+
+    def _use_layers(self, meta: VolumeMeta) -> None:
+        names = [s.name for s in meta.snapshots[meta.snapshot_index(self.snapshot):]]
+        for name in names:
+            if name not in self._files:
+                self._files[name] = _SnapshotFiles(self._store, self.name, name)
+        for gone in set(self._files) - set(names):
+            self._files.pop(gone).close()
+        self._layers = [self._files[name] for name in names]
 
     def _sources(self, first_chunk: int, count: int) -> list[int | None]:
         """For each chunk, the file descriptor that holds this snapshot's data for it.
@@ -709,6 +797,10 @@ class SnapshotImage(_Image):
             return sources, result
 
     def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            return self._read_locked(offset, length)
+
+    def _read_locked(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
         sources, head_data = self._resolved(offset, length, lambda: os.pread(self._head, length, offset))
         for index, chunk in enumerate(_chunks(offset, length)):
@@ -728,57 +820,68 @@ class SnapshotImage(_Image):
             position += len(buffer)
         return len(data)
 
-    def writev(self, buffers: Sequence[bytes | memoryview], offset: int) -> None:
-        raise OSError(errno.EROFS, "snapshots are read-only")
-
-    def punch_hole(self, offset: int, length: int) -> None:
-        raise OSError(errno.EROFS, "snapshots are read-only")
-
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        sources, head_extents = self._resolved(
-            offset, length, lambda: list(file_extents(self._head, offset, length)))
-        for index, chunk in enumerate(_chunks(offset, length)):
-            start = max(offset, chunk * CHUNK)
-            end = min(offset + length, (chunk + 1) * CHUNK)
-            if sources[index] is not None:
-                yield from file_extents(sources[index], start, end - start)
-            else:
-                for extent in head_extents:
-                    lo, hi = max(start, extent.offset), min(end, extent.offset + extent.length)
-                    if lo < hi:
-                        yield Extent(lo, hi - lo, extent.allocated)
+        for start, count in self._windows(offset, length):
+            yield from self._window_extents(start, count)
+
+    def _windows(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """A range cut at every EXTENT_WINDOW chunks: (offset, length) each."""
+        end = offset + length
+        while offset < end:
+            window_end = min(end, (offset // CHUNK + self.EXTENT_WINDOW) * CHUNK)
+            yield offset, window_end - offset
+            offset = window_end
+
+    def _window_extents(self, offset: int, length: int) -> list[Extent]:
+        """The extents of a range of at most EXTENT_WINDOW chunks, each run of chunks
+        with one source asked of that source once."""
+        with self._lock:
+            sources, head_extents = self._resolved(
+                offset, length, lambda: list(file_extents(self._head, offset, length)))
+            extents: list[Extent] = []
+            run_start = offset
+            for source, run in itertools.groupby(sources):
+                run_end = min(offset + length, (run_start // CHUNK + len(list(run))) * CHUNK)
+                if source is not None:
+                    extents.extend(file_extents(source, run_start, run_end - run_start))
+                else:
+                    for extent in head_extents:
+                        lo, hi = max(run_start, extent.offset), min(run_end, extent.offset + extent.length)
+                        if lo < hi:
+                            extents.append(Extent(lo, hi - lo, extent.allocated))
+                run_start = run_end
+            return extents
 
     def depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
         """(length, depth) runs: where each byte of this snapshot comes from, as
         QEMU's `qemu:allocation-depth` counts: 1 for what it preserved itself, 2 and
         up for each newer snapshot's preserved chunks, then the head; 0 where the head
-        it reads through was never written."""
-        end = offset + length
-        window = CHANGE_WINDOW * CHUNK  # lazily, so a caller wanting a prefix pays for that
-        for at in range(offset, end, window):
-            yield from self._window_depths(at, min(window - at % window, end - at))
+        it reads through was never written.  A window at a time, as `extents`."""
+        for start, count in self._windows(offset, length):
+            yield from self._window_depths(start, count)
 
-    def _window_depths(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
-        layers = self._current_layers()
-        depth_of = {layer.image: depth for depth, layer in enumerate(layers, 1)}
-        head_depth = len(layers) + 1
-        sources, head_extents = self._resolved(
-            offset, length, lambda: list(file_extents(self._head, offset, length)))
-        for index, chunk in enumerate(_chunks(offset, length)):
-            start = max(offset, chunk * CHUNK)
-            end = min(offset + length, (chunk + 1) * CHUNK)
-            if sources[index] is not None:
-                yield end - start, depth_of[sources[index]]
-                continue
-            for extent in head_extents:
-                lo, hi = max(start, extent.offset), min(end, extent.offset + extent.length)
-                if lo < hi:
-                    yield hi - lo, head_depth if extent.allocated else 0
-
-    def sync(self) -> None:
-        pass  # nothing to make durable: a snapshot is never written through here
+    def _window_depths(self, offset: int, length: int) -> list[tuple[int, int]]:
+        with self._lock:
+            layers = self._current_layers()
+            depth_of = {layer.image: depth for depth, layer in enumerate(layers, 1)}
+            head_depth = len(layers) + 1
+            sources, head_extents = self._resolved(
+                offset, length, lambda: list(file_extents(self._head, offset, length)))
+            depths = []
+            for index, chunk in enumerate(_chunks(offset, length)):
+                start = max(offset, chunk * CHUNK)
+                end = min(offset + length, (chunk + 1) * CHUNK)
+                if sources[index] is not None:
+                    depths.append((end - start, depth_of[sources[index]]))
+                    continue
+                for extent in head_extents:
+                    lo, hi = max(start, extent.offset), min(end, extent.offset + extent.length)
+                    if lo < hi:
+                        depths.append((hi - lo, head_depth if extent.allocated else 0))
+            return depths
 
     def close(self) -> None:
-        for files in self._files.values():
-            files.close()
-        super().close()
+        with self._lock:
+            for files in self._files.values():
+                files.close()
+            super().close()

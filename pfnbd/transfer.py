@@ -17,6 +17,7 @@ from typing import ContextManager
 
 from .store import (
     SECTOR, HeadImage, SnapshotImage, Store, StoreError, VolumeExists, check_name, file_extents,
+    write_all,
 )
 
 BLOCK = 1 << 20
@@ -92,18 +93,12 @@ def _copy_raw_in(source: Path, target: int, progress: Progress) -> None:
         size = os.fstat(fd).st_size
         covered = 0
         for offset, data in _data_blocks(file_extents(fd, 0, size), lambda o, n: os.pread(fd, n, o)):
-            _write_all(target, memoryview(data), offset)
+            write_all(target, [data], offset)
             progress(offset + len(data) - covered)
             covered = offset + len(data)
         progress(size - covered)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:  # a file may take less than asked; the next call then says why
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
 
 
 def _convert_in(source: Path, fmt: str, target: Path) -> None:
@@ -145,7 +140,7 @@ def _copy_out(image: HeadImage | SnapshotImage, fd: int, progress: Progress) -> 
         return bytes(buffer)
 
     for offset, data in _data_blocks(image.extents(0, image.size), read):
-        os.pwrite(fd, data, offset)
+        write_all(fd, [data], offset)
         progress(offset + len(data) - covered)
         covered = offset + len(data)
     progress(image.size - covered)

@@ -33,7 +33,7 @@ from typing import Protocol, TypeVar
 import attrs
 import trio
 
-from .store import Extent, HeadImage, SnapshotImage, Store, StoreError, split_snapshot_name
+from .store import Extent, HeadImage, ReadOnlyHead, SnapshotImage, Store, StoreError, split_snapshot_name
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,12 @@ class Faults:
 class EmulatedClient:
     """`pf_open_volume` against the embedded cluster in a data directory."""
 
-    def __init__(self, store: Store, io_depth: int = DEFAULT_IO_DEPTH, faults: Faults = Faults()) -> None:
+    def __init__(self, store: Store, io_depth: int = DEFAULT_IO_DEPTH, faults: Faults = Faults(),
+                 read_only: bool = False) -> None:
         self.store = store
         self.io_depth = io_depth
         self.faults = faults
+        self.read_only = read_only  # heads open read-only too, taking no writer's lock
 
     def open_volume(self, name: str, snap: str | None = None, lib_ver: int = S5_LIB_VER) -> EmulatedVolume:
         """Opens a volume's head, or read-only one of its snapshots."""
@@ -151,13 +153,14 @@ class EmulatedClient:
         if not 0 < self.io_depth <= PF_MAX_IO_DEPTH:
             raise VolumeOpenError(f"io_depth must be 1..{PF_MAX_IO_DEPTH}")
         export = f"{name}@{snap}" if snap else name
-        return EmulatedVolume(self.store, self.store.open_image(export), export, self.io_depth, self.faults)
+        return EmulatedVolume(self.store, self.store.open_image(export, self.read_only), export,
+                              self.io_depth, self.faults)
 
 
 class EmulatedVolume:
     can_discard = True
 
-    def __init__(self, store: Store, image: HeadImage | SnapshotImage, name: str, io_depth: int,
+    def __init__(self, store: Store, image: HeadImage | ReadOnlyHead | SnapshotImage, name: str, io_depth: int,
                  faults: Faults = Faults()) -> None:
         self._store = store
         self._image = image
@@ -480,6 +483,7 @@ def _overlap(spans: Iterable[tuple[int, int]], span: tuple[int, int]) -> bool:
 
 
 ZEROES = memoryview(bytes(PF_MAX_IO_SIZE))
+ZERO_PIECE = 16 << 20  # WRITE_ZEROES and TRIM work, and hold their range, this much at a time
 CACHE_CHUNK = 64 * PF_MAX_IO_SIZE  # a CACHE request reads this much at a time
 EAGAIN_FIRST_DELAY = 50e-6
 EAGAIN_MAX_DELAY = 10e-3
@@ -676,8 +680,21 @@ class VolumeBridge:
         await self._transfer(start, buffers, is_write=True)
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool = False) -> None:
-        """Zeroes a range; with `may_trim`, whole sectors may be released instead."""
+        """Zeroes a range; with `may_trim`, whole sectors may be released instead.
+
+        ZERO_PIECE at a time, each piece under its own hold of its range: however
+        large the request, it keeps a range from other writers, and memory, only for
+        as long as one piece takes."""
         self._refuse_if_flush_failed()
+        end = offset + length
+        while offset < end:
+            piece_end = min(end, align_down(offset) + ZERO_PIECE)
+            await self._write_zeroes_piece(offset, piece_end - offset, may_trim)
+            offset = piece_end
+        if fua:
+            await self.flush()
+
+    async def _write_zeroes_piece(self, offset: int, length: int, may_trim: bool) -> None:
         start, end = align_down(offset), align_up(offset + length)
         async with self._mutations.hold(start, end):
             if not (may_trim and self.backend.can_discard):
@@ -690,8 +707,6 @@ class VolumeBridge:
                     await self._write_zeroes_locked(offset, inner_start - offset, skip_holes=False)
                     await self._discard(inner_start, inner_end - inner_start)
                     await self._write_zeroes_locked(inner_end, offset + length - inner_end, skip_holes=False)
-        if fua:
-            await self.flush()
 
     async def _write_zeroes_locked(self, offset: int, length: int, skip_holes: bool) -> None:
         if length == 0:

@@ -113,7 +113,7 @@ def start_server(cli: Cli, tmp_path: Path):
     servers: list[Server] = []
 
     def start(volumes: dict[str, str] | None = None, *extra: str, exports: list[str] | None = None,
-              env: dict[str, str] | None = None, socket: Path | None = None) -> Server:
+              env: dict[str, str] | None = None, preexec_fn=None, socket: Path | None = None) -> Server:
         volumes = {"test_v1": "64M"} if volumes is None else volumes
         existing = {v["name"] for v in json.loads(cli.run("volume", "list", "--json").stdout)}
         for name, size in volumes.items():
@@ -128,7 +128,8 @@ def start_server(cli: Cli, tmp_path: Path):
         log = open(log_path, "w")
         process = subprocess.Popen(
             pfnbd_command(*args, *extra), env={**cli.env, **(env or {})}, stdout=log,
-            stderr=subprocess.STDOUT, text=True
+            stderr=subprocess.STDOUT, text=True,
+            preexec_fn=preexec_fn,  # e.g. a resource limit the server is to run under
         )
         log.close()
         wait_for_socket(process, socket, log_path, serving=restarting)

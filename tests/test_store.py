@@ -1,7 +1,10 @@
 """The embedded store: volumes, copy-before-write snapshots, locks between processes."""
 
+import json
 import os
 import random
+import threading
+import tracemalloc
 
 import pytest
 
@@ -145,3 +148,112 @@ def test_bad_names_and_duplicates_are_refused(store):
         store.create_snapshot("nope", "s1")
     with pytest.raises(VolumeNotFound):
         store.open_image("v@nope")
+
+
+def test_names_that_leave_the_data_directory_are_refused_at_every_entry_point(store, tmp_path):
+    # A volume outside the data directory that `../` would reach.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "victim.json").write_text(json.dumps(dict(name="victim", size=SIZE, id=9)))
+    (elsewhere / "victim.img").write_bytes(b"keep")
+    name = "../elsewhere/victim"
+    for call in (store.get, store.delete, store.open_image, store.describe, store.get_export,
+                 lambda n: store.create_snapshot(n, "s1"), lambda n: store.delete_snapshot(n, "s1"),
+                 lambda n: store.open_image(n, read_only=True)):
+        with pytest.raises(StoreError, match="invalid volume name"):
+            call(name)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["victim.img", "victim.json"]
+
+
+def test_a_snapshot_and_a_closed_head_make_acknowledged_writes_durable(store, monkeypatch):
+    synced = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    head_path = str(store.image_path("v"))
+    head = store.open_image("v")
+    try:
+        write(head, 0, b"a" * 4096)
+        store.create_snapshot("v", "s1")
+        assert head_path in synced, "the snapshot was taken before the head's writes were durable"
+        write(head, CHUNK, b"b" * 4096)
+        synced.clear()
+    finally:
+        head.close()
+    assert head_path in synced, "a head was closed with writes not made durable"
+
+
+def test_snapshot_extents_of_a_huge_range_cost_only_what_is_taken(tmp_path):
+    size = 64 << 30  # a million chunks
+    store = Store(tmp_path)
+    store.create("big", size)
+    store.create_snapshot("big", "s1")
+    snap = store.open_image("big@s1")
+    tracemalloc.start()
+    try:
+        first = next(iter(snap.extents(0, size)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        snap.close()
+    assert first.offset == 0 and not first.allocated
+    assert peak < 1 << 20, f"the first extent of {size} bytes took {peak} bytes of memory"
+
+
+def merged(extents):
+    """(start, end, allocated) runs: how a snapshot's extents split depends on which
+    file holds each chunk, what they say does not."""
+    runs = []
+    for extent in extents:
+        if runs and runs[-1][2] == extent.allocated and runs[-1][1] == extent.offset:
+            runs[-1] = (runs[-1][0], extent.offset + extent.length, extent.allocated)
+        else:
+            runs.append((extent.offset, extent.offset + extent.length, extent.allocated))
+    return runs
+
+
+def test_a_snapshot_read_on_one_thread_and_mapped_on_another_while_snapshots_change(store):
+    rng = random.Random(6)
+    head = store.open_image("v")
+    write(head, 0, rng.randbytes(SIZE))
+    store.create_snapshot("v", "s1")
+    snap = store.open_image("v@s1")
+    expected = read(snap)
+    expected_extents = merged(snap.extents(0, SIZE))
+    failures = []
+    stop = threading.Event()
+
+    def keep(check):
+        try:
+            while not stop.is_set():
+                check()
+        except BaseException as error:  # reported by the main thread
+            failures.append(error)
+
+    def check_read():
+        assert read(snap) == expected
+
+    def check_extents():
+        assert merged(snap.extents(0, SIZE)) == expected_extents
+
+    threads = [threading.Thread(target=keep, args=(check,)) for check in (check_read, check_extents)]
+    for thread in threads:
+        thread.start()
+    try:
+        for round in range(80):
+            store.create_snapshot("v", "n")
+            write(head, (round % 16) * CHUNK, rng.randbytes(4096))
+            store.delete_snapshot("v", "n")
+            if failures:
+                break
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        snap.close()
+        head.close()
+    assert not failures, failures[0]

@@ -3,6 +3,7 @@
 import errno
 import random
 import threading
+import tracemalloc
 
 import pytest
 import trio
@@ -170,6 +171,38 @@ def test_no_hole_zeroes_stay_allocated(store):
         return list(bridge.extents(0, 1 << 20))
 
     assert [e.allocated for e in run_bridge(store, body)] == [True]
+
+
+def test_no_hole_zeroes_of_a_large_range_hold_memory_and_the_range_a_piece_at_a_time(tmp_path):
+    size = 256 << 20
+    store = Store(tmp_path)
+    store.create("v", size)
+    finished = []
+
+    async def zero_all(bridge):
+        await bridge.write_zeroes(0, size, may_trim=False)
+        finished.append("zeroes")
+
+    async def write_start(bridge):
+        await bridge.write(0, memoryview(b"\xaa" * 4096))
+        finished.append("write")
+
+    async def body(bridge):
+        await bridge.write_zeroes(0, 16 << 20, may_trim=False)  # the pool's buffers, made once
+        tracemalloc.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(zero_all, bridge)
+                await trio.sleep(0.01)  # the zeroing is under way, past its first piece
+                nursery.start_soon(write_start, bridge)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak = run_bridge(store, body)
+    assert peak < 2 << 20, f"zeroing {size} bytes took {peak} bytes of memory"
+    # A write at the start waited for the piece it overlapped, not for the whole range.
+    assert finished == ["write", "zeroes"]
 
 
 def test_eagain_storm_is_retried_until_done(store):

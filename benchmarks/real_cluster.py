@@ -1,0 +1,154 @@
+"""pfnbd over NBD next to PureFlash's client library driven directly, on one real cluster.
+
+    python benchmarks/real_cluster.py [--runtime 10] [--rounds 3] [--workdir /var/tmp]
+
+Starts a single-node cluster with scripts/pureflash-cluster (build cached) under a fresh
+directory in --workdir (the tray gets 11 GB written: a real disk, not a tmpfs), creates a
+1 GiB volume, and per round runs each workload twice: `pf_loadgen` (benchmarks/
+pf_loadgen.c, compiled here) on the library, and fio's nbd engine against `pfnbd serve
+--backend pureflash`, both at the same block size and queue depth. Prints the medians
+and pfnbd / direct. Stops the cluster and removes its tray at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import attrs
+
+from run import REPO_ROOT, ClientFailed, last_line, run_client
+
+CLUSTER = REPO_ROOT / "scripts" / "pureflash-cluster"
+VOLUME = "bench"
+VOLUME_SIZE = 1 << 30
+MIB = 1 << 20
+
+
+@attrs.frozen
+class Workload:
+    label: str
+    mode: str  # pf_loadgen's MODE, fio's --rw
+    block_size: int
+    queue_depth: int
+
+    @property
+    def unit(self) -> str:
+        return "IOPS" if self.block_size == 4096 else "MiB/s"
+
+    def value(self, iops: float) -> float:
+        return iops if self.unit == "IOPS" else iops * self.block_size / MIB
+
+
+WORKLOADS = [
+    Workload("4 KiB random read, QD32", "randread", 4096, 32),
+    Workload("4 KiB random write, QD32", "randwrite", 4096, 32),
+    Workload("128 KiB sequential read, QD8", "read", 128 << 10, 8),
+    Workload("128 KiB sequential write, QD8", "write", 128 << 10, 8),
+]
+
+
+def cluster(*args: str, timeout: float = 1200) -> str:
+    result = subprocess.run([str(CLUSTER), *args], capture_output=True, text=True, timeout=timeout)
+    if result.returncode:
+        sys.exit(f"real_cluster.py: {last_line(result.stderr)}")
+    return result.stdout
+
+
+def direct_iops(loadgen: Path, library: str, conf: Path, workload: Workload, runtime: int) -> float:
+    result = subprocess.run(
+        [str(loadgen), library, str(conf), VOLUME, workload.mode, str(workload.block_size),
+         str(workload.queue_depth), str(runtime)],
+        capture_output=True, text=True, timeout=runtime + 60)
+    if result.returncode:
+        raise ClientFailed(f"pf_loadgen: {last_line(result.stderr)}")
+    return json.loads(result.stdout)["iops"]
+
+
+def nbd_iops(uri: str, output: Path, workload: Workload, runtime: int) -> float:
+    output.unlink(missing_ok=True)
+    run_client(["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={workload.mode}",
+                f"--bs={workload.block_size}", f"--iodepth={workload.queue_depth}", "--time_based",
+                f"--runtime={runtime}", "--output-format=json", f"--output={output}"],
+               timeout=runtime + 60)
+    job = json.loads(output.read_text())["jobs"][0]
+    if job["error"]:
+        raise ClientFailed(f"fio reported error {job['error']}")
+    return job["read" if "read" in workload.mode else "write"]["iops"]
+
+
+def start_pfnbd(directory: Path, library: str) -> tuple[subprocess.Popen, str]:
+    socket = directory / "pfnbd.sock"
+    env = {**os.environ, "PFNBD_PUREFLASH_LIB": library,
+           "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    log = open(directory / "pfnbd.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "pfnbd", "serve", "--backend", "pureflash",
+                               "--conf", str(directory / "pf.conf"), "--volume", VOLUME,
+                               "--socket", str(socket)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + 60
+    while not socket.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            sys.exit(f"real_cluster.py: pfnbd serve did not start: {last_line((directory / 'pfnbd.log').read_text())}")
+        time.sleep(0.05)
+    return server, f"nbd+unix:///{VOLUME}?socket={socket}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", type=int, default=10, help="seconds per run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    options = parser.parse_args()
+    for tool in ("gcc", "fio"):
+        if shutil.which(tool) is None:
+            sys.exit(f"real_cluster.py: missing tool: {tool}")
+
+    build = Path(cluster("build").strip().splitlines()[-1])
+    library = str(build / "lib" / "libs5common.so")
+    directory = Path(tempfile.mkdtemp(prefix="pfnbd-real-bench-", dir=options.workdir))
+    loadgen = directory / "pf_loadgen"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(loadgen), str(Path(__file__).with_name("pf_loadgen.c")),
+                    "-ldl", "-lpthread"], check=True)
+    results: dict[tuple[str, str], list[float]] = {}
+    server = None
+    cluster("start", str(directory), timeout=600)
+    try:
+        subprocess.run(["curl", "-sf", f"http://127.0.0.1:49180/s5c/?op=create_volume&volume_name={VOLUME}"
+                        f"&size={VOLUME_SIZE}"], check=True, capture_output=True)
+        server, uri = start_pfnbd(directory, library)
+        # Written once end to end first, so reads do not meet never-written space.
+        direct_iops(loadgen, library, directory / "pf.conf", WORKLOADS[3], max(10, options.runtime))
+        for round_number in range(options.rounds):
+            for workload in WORKLOADS:
+                print(f"round {round_number + 1}: {workload.label}", file=sys.stderr)
+                results.setdefault((workload.label, "direct"), []).append(workload.value(
+                    direct_iops(loadgen, library, directory / "pf.conf", workload, options.runtime)))
+                results.setdefault((workload.label, "pfnbd"), []).append(workload.value(
+                    nbd_iops(uri, directory / "fio.json", workload, options.runtime)))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        cluster("stop", str(directory), timeout=120)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    print(f"{'workload':32} {'unit':6} {'direct':>10} {'pfnbd':>10} {'pfnbd/direct':>13}")
+    for workload in WORKLOADS:
+        direct = statistics.median(results[(workload.label, "direct")])
+        pfnbd = statistics.median(results[(workload.label, "pfnbd")])
+        print(f"{workload.label:32} {workload.unit:6} {direct:10.1f} {pfnbd:10.1f} {pfnbd / direct:13.2f}")
+    print(f"medians of {options.rounds} rounds of {options.runtime} s each", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
