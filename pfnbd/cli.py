@@ -355,6 +355,9 @@ def serve(
     specs = [ExportSpec(name, describe(name)) for name in names]  # fails early on a missing volume
     if retry_timeout < 0:
         raise CliError("--retry-timeout must not be negative")
+    # A write past a file size limit then fails with EFBIG, an error for that one
+    # request, instead of SIGXFSZ killing the server and every client with it.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout)
     # Stopped cleanly: a late SIGTERM while the interpreter exits must not turn
     # that into death by signal.

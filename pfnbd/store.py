@@ -456,13 +456,17 @@ class _MetaWatch:
         """Calls `apply` with the metadata if it changed since `apply` last succeeded
         (the first call: always).  The change counts as seen only once `apply`
         returns: when it raises, the next call offers the same change again."""
-        if self._fd is not None and os.fstat(self._fd).st_nlink:
-            return
-        with open(self._path, "rb") as file:
-            apply(VolumeMeta.from_json(json.loads(file.read())))
-            fd = os.dup(file.fileno())
-        self.close()
-        self._fd = fd
+        while self._fd is None or not os.fstat(self._fd).st_nlink:
+            with open(self._path, "rb") as file:
+                try:
+                    apply(VolumeMeta.from_json(json.loads(file.read())))
+                except FileNotFoundError:
+                    if os.fstat(file.fileno()).st_nlink:
+                        raise  # the metadata names files that are not there
+                    continue  # a snapshot went away while we read: look again
+                fd = os.dup(file.fileno())
+            self.close()
+            self._fd = fd
 
     def close(self) -> None:
         if self._fd is not None:
@@ -476,7 +480,8 @@ class _SnapshotFiles:
     def __init__(self, store: Store, name: str, snapshot: str, writable: bool = False) -> None:
         mode = os.O_RDWR if writable else os.O_RDONLY
         self.snapshot = snapshot
-        self.image = os.open(store.image_path(name, snapshot), mode)
+        self._image_path = store.image_path(name, snapshot)
+        self.image = os.open(self._image_path, mode)
         try:
             self.map = os.open(store._map_path(name, snapshot), mode)
         except BaseException:
@@ -485,6 +490,14 @@ class _SnapshotFiles:
 
     def read_map(self, first_chunk: int, count: int) -> bytes:
         return os.pread(self.map, count, first_chunk)
+
+    def replaced(self) -> bool:
+        """Whether the snapshot's name now stands for other files: a snapshot
+        deleted and taken again under the same name."""
+        try:
+            return os.stat(self._image_path).st_ino != os.fstat(self.image).st_ino
+        except FileNotFoundError:
+            return True
 
     def preserve(self, source: int, chunks: Sequence[int], size: int) -> None:
         """Copies `chunks` of `source` (a file of `size` bytes) here and marks them
@@ -599,7 +612,11 @@ class ReadOnlyHead(_Image):
 
 
 class HeadImage(_Image):
-    """A volume's live bytes; writes copy what a snapshot still needs first."""
+    """A volume's live bytes; writes copy what a snapshot still needs first.
+
+    Threads: writes, and the newest snapshot's files they open and close, run on one
+    thread (the volume's `vol_proc`); `extents` may run on another, but it uses only
+    the head's descriptor, which lives as long as the image."""
 
     writable = True
 
@@ -762,6 +779,8 @@ class SnapshotImage(_Image):
     def _use_layers(self, meta: VolumeMeta) -> None:
         names = [s.name for s in meta.snapshots[meta.snapshot_index(self.snapshot):]]
         for name in names:
+            if name in self._files and self._files[name].replaced():
+                self._files.pop(name).close()
             if name not in self._files:
                 self._files[name] = _SnapshotFiles(self._store, self.name, name)
         for gone in set(self._files) - set(names):

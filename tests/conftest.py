@@ -81,12 +81,16 @@ class Server(ServeProcess):
         return f"nbd:unix:{self.socket}:exportname={export}"
 
 
-def wait_for_socket(process: subprocess.Popen[str], path: Path, log_path: Path,
-                    serving: bool = False) -> None:
-    """Until the socket file exists, or with `serving` until the server logs that it
-    serves (a server restarted on a socket finds the file there already)."""
+def listening(path: Path) -> bool:
+    """Whether a Unix socket listens at `path`: its file appears at bind, before listen,
+    and a client connecting in between is refused (Flags 00010000 is __SO_ACCEPTCON)."""
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return any(f[3] == "00010000" and f[-1] == str(path) for f in map(str.split, lines) if len(f) == 8)
+
+
+def wait_for_socket(process: subprocess.Popen[str], path: Path, log_path: Path) -> None:
     deadline = time.monotonic() + 30
-    while not ("pfnbd: serving" in log_path.read_text(errors="replace") if serving else path.exists()):
+    while not listening(path):
         if process.poll() is not None:
             raise AssertionError(f"pfnbd serve exited {process.returncode}:\n"
                                  + log_path.read_text(errors="replace"))
@@ -119,7 +123,6 @@ def start_server(cli: Cli, tmp_path: Path):
         for name, size in volumes.items():
             if name not in existing:
                 cli.run("volume", "create", name, "--size", size)
-        restarting = socket is not None  # on an earlier server's socket
         socket = socket or tmp_path / f"nbd{len(servers)}.sock"
         log_path = tmp_path / f"server{len(servers)}.log"
         args = ["serve", "--socket", str(socket)]
@@ -132,7 +135,7 @@ def start_server(cli: Cli, tmp_path: Path):
             preexec_fn=preexec_fn,  # e.g. a resource limit the server is to run under
         )
         log.close()
-        wait_for_socket(process, socket, log_path, serving=restarting)
+        wait_for_socket(process, socket, log_path)
         server = Server(process=process, log_path=log_path, socket=socket)
         servers.append(server)
         return server

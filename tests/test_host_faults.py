@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
 import subprocess
 from pathlib import Path
 
@@ -27,9 +26,8 @@ FILE_SIZE_LIMIT = 8200 * KiB
 
 
 def limit_file_size() -> None:
-    """For the server process: files stop at FILE_SIZE_LIMIT, and crossing it fails
-    the write with EFBIG instead of killing the server with SIGXFSZ."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    """For the server process: files stop at FILE_SIZE_LIMIT.  (The server itself
+    ignores SIGXFSZ, so crossing it fails the write with EFBIG.)"""
     resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
 
 

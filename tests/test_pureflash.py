@@ -1,9 +1,10 @@
 """The ctypes binding to PureFlash's client library (`pfnbd/pureflash.py`).
 
-No PureFlash cluster can run here (it needs SPDK and ZooKeeper), so each test run
-compiles with gcc a stand-in `libs5common` from `tests/pflib/fake_pf_client.c`: the
-documented ABI over files, with the real submit rules and callbacks from its own
-pthread.  The binding is driven three ways: directly, through the NBD layer's
+Against a stand-in `libs5common` that each test run compiles with gcc from
+`tests/pflib/fake_pf_client.c`: the documented ABI over files, with the real submit
+rules and callbacks from its own pthread, and hooks a real cluster does not give
+(pausing completions, counting -EAGAIN).  `tests/test_real_cluster.py` drives the
+real library on a real single-node cluster.  The binding is driven three ways: directly, through the NBD layer's
 `VolumeBridge` from trio, and end to end with `qemu-io` against a server.
 """
 

@@ -9,6 +9,7 @@ import tracemalloc
 import pytest
 
 from pfnbd.store import CHUNK, Store, StoreError, VolumeBusy, VolumeExists, VolumeNotFound
+from test_cli import assert_fails_with_one_line, run_serve_expecting_refusal
 
 SIZE = 16 * CHUNK + 4096  # a partial last chunk too
 
@@ -257,3 +258,23 @@ def test_a_snapshot_read_on_one_thread_and_mapped_on_another_while_snapshots_cha
         snap.close()
         head.close()
     assert not failures, failures[0]
+
+
+@pytest.mark.parametrize("before, after", [
+    (["volume", "delete"], []), (["volume", "info"], []), (["volume", "snapshot"], ["s1"]),
+    (["volume", "snapshot-delete"], ["s1"]), (["volume", "export"], ["{tmp}/out.raw"]),
+    (["serve", "--socket", "{tmp}/s.sock", "--volume"], []),
+])
+def test_the_cli_refuses_names_outside_the_data_directory_in_one_line(cli, tmp_path, before, after):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "victim.json").write_text(json.dumps(dict(name="victim", size=SIZE, id=9)))
+    (elsewhere / "victim.img").write_bytes(b"keep")
+    cli.run("volume", "create", "v", "--size", "1M")  # a data directory that exists
+    arguments = [a.format(tmp=tmp_path) for a in [*before, "../../elsewhere/victim", *after]]
+    if arguments[0] == "serve":
+        result = run_serve_expecting_refusal(cli, *arguments[1:])
+    else:
+        result = cli.run(*arguments, check=False)
+    assert_fails_with_one_line(result, "invalid volume name")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["victim.img", "victim.json"]

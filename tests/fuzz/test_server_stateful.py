@@ -70,6 +70,9 @@ def lengths(at_least: int, size: int) -> st.SearchStrategy[int]:
 
 
 fill_seeds = st.integers(0, 1 << 16)  # write data: pattern(seed) or one repeated byte
+# Cookies of the full 64 bits: a server keeping only the low half mixes these up.
+cookies = st.one_of(st.sampled_from([0, 1 << 32, 0xFFFFFFFF00000001, (1 << 64) - 1]),
+                    st.integers(0, (1 << 64) - 1))
 
 
 @attrs.define(eq=False)
@@ -251,7 +254,9 @@ class DiskMachine(RuleBasedStateMachine):
             spans.append((offset, offset + length, writes))
             flags = self._flags(data, connection, command)
             payload = fill(data.draw(fill_seeds, label="seed"), length) if command == Cmd.WRITE else None
-            cookie = connection.client.send_request(command, offset, length, flags, payload)
+            used = {c for other, c, *_ in batch if other is connection}
+            cookie = connection.client.send_request(command, offset, length, flags, payload, cookie=data.draw(
+                cookies.filter(lambda c: c not in used), label="cookie"))
             batch.append((connection, cookie, command, offset, length, flags, payload))
         replies = {connection: connection.client.collect() for connection in {first, second}}
         for connection, cookie, command, offset, length, flags, payload in batch:

@@ -1,0 +1,1 @@
+"""The power-cut file system (cutfs.py) and its harness (harness.py)."""
