@@ -26,8 +26,9 @@ from .negotiation import TlsMode
 from .conductor import Conductor
 from .pureflash import DEFAULT_CONF, LIBRARY_ENV, PureFlashClient
 from .server import (
-    HANDSHAKE_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt, open_exports,
-    open_tcp_listeners, open_unix_listener, remove_socket, systemd_listeners,
+    HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt,
+    open_exports, open_tcp_listeners, open_unix_listener, remove_socket, SocketFile, socket_file,
+    systemd_listeners,
 )
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size
 from .throttle import BURSTS, LIMITS, Limits, ThrottleError
@@ -296,6 +297,9 @@ def serve(
     handshake_limit: Annotated[float, typer.Option(
         "--handshake-limit", help="Seconds a client has to finish negotiation, TLS included.")
     ] = HANDSHAKE_TIMEOUT,
+    shutdown_timeout: Annotated[float, typer.Option(
+        "--shutdown-timeout", help="Seconds requests in flight get at SIGTERM before they are "
+                                   "answered ESHUTDOWN and the connections closed.")] = SHUTDOWN_TIMEOUT,
     backend: BackendOption = Backend.EMULATED,
     conf: ConfOption = None,
     io_depth: Annotated[int, typer.Option(
@@ -335,8 +339,10 @@ def serve(
         raise CliError(f"invalid --max-connections {max_connections}: give 1 or more")
     if not handshake_limit > 0:
         raise CliError(f"invalid --handshake-limit {handshake_limit}: give a number of seconds")
+    if not shutdown_timeout >= 0:
+        raise CliError(f"invalid --shutdown-timeout {shutdown_timeout}: give a number of seconds")
     policy = Policy(tls, _tls_context(tls, tls_certificates, tls_verify_peer), max_connections,
-                    handshake_limit)
+                    handshake_limit, shutdown_timeout)
     if socket is not None:
         listen: Listen = UnixListen(socket, _parse_mode(socket_mode))
     elif bind is not None or port is not None:
@@ -473,16 +479,20 @@ class Listen:
         pass  # nothing of ours is left on disk
 
 
-@attrs.frozen
+@attrs.define
 class UnixListen(Listen):
     path: Path
     mode: int
+    bound: SocketFile | None = None  # the socket file we made, once we listen
 
     async def open(self) -> list[trio.SocketListener]:
-        return [await open_unix_listener(self.path, self.mode)]
+        listener = await open_unix_listener(self.path, self.mode)
+        self.bound = socket_file(self.path)
+        return [listener]
 
     def remove(self) -> None:
-        remove_socket(self.path)
+        if self.bound is not None:
+            remove_socket(self.path, only=self.bound)
 
 
 @attrs.frozen

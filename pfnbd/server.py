@@ -2,9 +2,10 @@
 
 A `Server` owns one nursery of connections.  Each connection negotiates under a
 handshake deadline (STARTTLS and its TLS handshake included), then runs its
-transmission phase, and ends in one log line.  Shutdown comes in two steps: stop
-accepting and have each connection finish what is in flight (bounded by a drain
-deadline), then cancel whatever is left.
+transmission phase, and ends in one log line.  Shutdown stops accepting and has each
+connection read no new request, answer those in flight and disconnect, so that a
+reconnecting client resends only what it had no reply to; what is still in flight
+after the shutdown timeout is answered ESHUTDOWN, and whatever is left is cancelled.
 
 Listeners are Unix sockets, TCP sockets (IPv4 and IPv6), or the sockets systemd
 passes in socket activation.
@@ -39,7 +40,7 @@ from .volume import RETRY_TIME_LIMIT, VolumeBridge, VolumeClient
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to reach transmission
-DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get at shutdown
+SHUTDOWN_TIMEOUT = 5.0  # seconds in-flight requests get at shutdown before ESHUTDOWN
 CLOSE_TIMEOUT = 2.0  # seconds a closing connection gets to send its TLS close_notify
 ACCEPT_RETRY_DELAY = 0.1  # seconds between accepts while descriptors run out
 BACKLOG = 128
@@ -121,6 +122,7 @@ class Policy:
     tls_context: ssl.SSLContext | None = None  # required unless tls_mode is OFF
     max_connections: int | None = None  # None: no limit
     handshake_timeout: float = HANDSHAKE_TIMEOUT  # covers the TLS handshake too
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT
 
     def __attrs_post_init__(self) -> None:
         if self.tls_mode is not TlsMode.OFF and self.tls_context is None:
@@ -142,6 +144,10 @@ class _Connection:
             self.scope.cancel()  # still haggling: nothing in flight to finish
         else:
             self.transmission.shut_down()
+
+    def refuse_in_flight(self) -> None:
+        if self.transmission is not None:
+            self.transmission.refuse_in_flight()
 
     @property
     def export(self) -> str | None:
@@ -209,10 +215,18 @@ class Server:
                 acceptors.cancel_scope.cancel()
             for connection in list(self._connections):
                 connection.stop()
-            with trio.move_on_after(DRAIN_TIMEOUT):
-                while self._connections:
-                    await self._connections_changed.park()
+            if not await self._drained(self._policy.shutdown_timeout):
+                for connection in list(self._connections):
+                    connection.refuse_in_flight()
+                await self._drained(CLOSE_TIMEOUT)  # for the ESHUTDOWN replies to go out
             connections.cancel_scope.cancel()
+
+    async def _drained(self, timeout: float) -> bool:
+        """Whether every connection ends within `timeout` seconds."""
+        with trio.move_on_after(timeout):
+            while self._connections:
+                await self._connections_changed.park()
+        return not self._connections
 
     async def _accept(self, listener: trio.abc.Listener, connections: trio.Nursery) -> None:
         async with listener:
@@ -297,8 +311,8 @@ class Server:
         return sum(1 for connection in self._connections if connection.export == name)
 
     def withdraw_export(self, name: str) -> None:
-        """New clients no longer find `name`; its connections finish the requests in
-        flight (anything newer is answered ESHUTDOWN) and end."""
+        """New clients no longer find `name`; its connections stop as at shutdown:
+        they read no new request, answer those in flight and end."""
         del self._infos[name]
         for connection in list(self._connections):
             if connection.export == name:
@@ -499,8 +513,19 @@ def systemd_listeners() -> list[trio.SocketListener] | None:
     return listeners
 
 
-def remove_socket(path: Path) -> None:
+SocketFile = tuple[int, int]  # st_dev and st_ino: which file a path names
+
+
+def socket_file(path: Path) -> SocketFile:
+    status = os.lstat(path)
+    return status.st_dev, status.st_ino
+
+
+def remove_socket(path: Path, only: SocketFile | None = None) -> None:
+    """Unlinks the socket file at `path`; given `only`, just if the path still names
+    that file: in an upgrade the next server may have bound its own there already."""
     try:
-        os.unlink(path)
+        if only is None or socket_file(path) == only:
+            os.unlink(path)
     except FileNotFoundError:
         pass

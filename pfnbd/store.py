@@ -239,7 +239,9 @@ class Store:
 
     # -- volumes ----------------------------------------------------------
 
-    def create(self, name: str, size: int, replicas: int = 1) -> VolumeMeta:
+    def create(self, name: str, size: int, replicas: int = 1, prepared: Path | None = None) -> VolumeMeta:
+        """A new volume; `prepared`, a complete file of `size` bytes, becomes its image
+        (an import's data: the volume exists only once it is all there)."""
         check_name(name)
         if size <= 0 or size % SECTOR:
             raise StoreError(f"volume size must be a positive multiple of {SECTOR} bytes, not {size}")
@@ -252,7 +254,10 @@ class Store:
             image = self.image_path(name)
             image.unlink(missing_ok=True)  # debris of a create that crashed
             try:
-                _create_sparse(image, size)
+                if prepared is None:
+                    _create_sparse(image, size)
+                else:
+                    os.rename(prepared, image)
             except (OSError, OverflowError) as error:
                 image.unlink(missing_ok=True)
                 reason = getattr(error, "strerror", None) or "too large"

@@ -15,7 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ContextManager
 
-from .store import SECTOR, HeadImage, SnapshotImage, Store, StoreError, file_extents, write_all
+from .store import (
+    SECTOR, HeadImage, SnapshotImage, Store, StoreError, VolumeExists, check_name, file_extents,
+    write_all,
+)
 
 BLOCK = 1 << 20
 _ZEROES = bytes(BLOCK)
@@ -52,37 +55,45 @@ def image_format(path: Path) -> tuple[str, int]:
 
 def import_volume(store: Store, name: str, source: Path, start_progress: StartProgress,
                   replicas: int = 1) -> int:
-    """Creates volume `name` from a disk image; returns the volume size."""
+    """Creates volume `name` from a disk image; returns the volume size.
+
+    The data goes to a staging file that becomes the volume's image once complete and
+    on disk: an import killed midway leaves no volume, only that file, which the next
+    import of the name replaces.
+    """
+    check_name(name)
+    if any(volume.name == name for volume in store.list()):
+        raise VolumeExists(f"volume {name!r} already exists")
     fmt, size = image_format(source)
     size = -(-size // SECTOR) * SECTOR  # volumes are whole sectors
-    meta = store.create(name, size, replicas)
+    staging = store.image_path(name).with_name(f".{name}.import")
+    staging.parent.mkdir(parents=True, exist_ok=True)
     try:
-        image = store.open_image(name)
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            os.ftruncate(fd, size)
             with start_progress(source.stat().st_size) as progress:
                 if fmt == "raw":
-                    _copy_raw_in(source, image, progress)
+                    _copy_raw_in(source, fd, progress)
                 else:
-                    _convert_in(source, fmt, store.image_path(name))
+                    _convert_in(source, fmt, staging)
                     progress(source.stat().st_size)
-            image.sync()
+            os.fsync(fd)
         finally:
-            image.close()
-    except BaseException:
-        store.delete(name)
-        raise
+            os.close(fd)
+        meta = store.create(name, size, replicas, prepared=staging)
+    finally:
+        staging.unlink(missing_ok=True)  # gone already once it is the volume's image
     return meta.size
 
 
-def _copy_raw_in(source: Path, image: HeadImage, progress: Progress) -> None:
+def _copy_raw_in(source: Path, target: int, progress: Progress) -> None:
     fd = os.open(source, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         covered = 0
         for offset, data in _data_blocks(file_extents(fd, 0, size), lambda o, n: os.pread(fd, n, o)):
-            if len(data) % SECTOR:  # a file that ends mid-sector: the volume's tail is zeros
-                data += bytes(SECTOR - len(data) % SECTOR)
-            image.writev([data], offset)
+            write_all(target, [data], offset)
             progress(offset + len(data) - covered)
             covered = offset + len(data)
         progress(size - covered)
@@ -91,8 +102,7 @@ def _copy_raw_in(source: Path, image: HeadImage, progress: Progress) -> None:
 
 
 def _convert_in(source: Path, fmt: str, target: Path) -> None:
-    # The volume was just created and is held open by us: qemu-img may write its
-    # file directly, and need not write zeros into it.
+    # The staging file is new and of the volume's size: qemu-img need not write zeros.
     result = subprocess.run(
         ["qemu-img", "convert", "-n", "--target-is-zero", "-f", fmt, "-O", "raw",
          str(source), str(target)],

@@ -272,7 +272,11 @@ class Transmission:
         self.counters = Counters()
         self.reading = trio.CancelScope()
         self._shutting_down = False
-        self._in_flight = 0  # requests read and not answered yet
+        self._awaiting_header = False  # the reader is between requests: stopping it loses none
+        self._in_flight = 0  # requests read whose replies have not been sent yet
+        # Requests read whose reply is not queued yet, by identity (two requests may be
+        # equal): what a shutdown that runs out of time answers with ESHUTDOWN.
+        self._unanswered: dict[int, Request] | None = {}  # None once refused
         self._answered = trio.lowlevel.ParkingLot()
         self._outbox: deque[tuple[list[Buffer], Held]] = deque()  # replies, and what each releases
         self._outbox_filled = trio.lowlevel.ParkingLot()
@@ -294,6 +298,9 @@ class Transmission:
                         # EOF between requests: answer what is in flight, as after DISC.
                 while self._in_flight:
                     await self._answered.park()
+                refused = self._unanswered is None
+                if self._shutting_down and not refused and not self._read_only:
+                    await self._flush_before_disconnect()
                 nursery.cancel_scope.cancel()  # the writer, with nothing left to send
         finally:
             self._ended = True  # completions still to come have nobody to answer
@@ -304,19 +311,50 @@ class Transmission:
         return self._in_flight
 
     def shut_down(self) -> None:
-        """Server shutdown: finish what is in flight, answer anything new with
-        ESHUTDOWN, and end the connection once nothing is in flight."""
-        self._shutting_down = True
-        self._close_if_idle()
+        """Server shutdown: read no new request, answer those in flight, flush, and
+        end the connection.
 
-    def _close_if_idle(self) -> None:
-        if self._shutting_down and not self._in_flight:
+        The spec ("Terminating the transmission phase") has a server wait for requests
+        in flight before it disconnects, and lets it hurry them with error replies.  A
+        client that reconnects (QEMU's reconnect-delay, nbd-client -persist) resends
+        every request it has no reply to, but hands an error reply to its guest: so
+        nothing is refused here.  Requests never read (even partly received headers)
+        are left to that resend.  A request whose header was read is received whole
+        and served, its payload included, within the server's shutdown timeout.
+        """
+        self._shutting_down = True
+        if self._awaiting_header:
             self.reading.cancel()
+
+    def refuse_in_flight(self) -> None:
+        """The shutdown timeout has passed: answers every request still in flight with
+        ESHUTDOWN, the spec's way to hurry a shutdown.  Dropping the connection instead
+        would have the client resend them elsewhere while this server may still carry
+        them out, an old write landing over a newer one.  Nothing more is received."""
+        self.reading.cancel()
+        unanswered, self._unanswered = self._unanswered, None
+        for request in unanswered.values():
+            self._outbox.append((self._refuse(request, p.Errno.ESHUTDOWN, "the server is shutting down"),
+                                 NOTHING_HELD))
+        if self._outbox_filled:
+            self._outbox_filled.unpark_all()
+
+    async def _flush_before_disconnect(self) -> None:
+        """Makes the writes just answered durable before the client goes elsewhere."""
+        try:
+            await self._bridge.flush()
+        except OSError as error:  # the client did not ask: nothing to answer it
+            log.warning("flush at shutdown failed: %s", error.strerror or error)
 
     async def _read_requests(self) -> None:
         extended = self._agreement.extended_headers
-        while True:
-            request = Request.parse(await self._receiver.receive_exactly(self._header), extended)
+        while not self._shutting_down:
+            self._awaiting_header = True
+            try:
+                header = await self._receiver.receive_exactly(self._header)
+            finally:
+                self._awaiting_header = False
+            request = Request.parse(header, extended)
             log.debug("request %s", request)
             if request.command == p.Command.DISC:
                 return
@@ -327,14 +365,13 @@ class Transmission:
             if self._throttle.limited and request.command in THROTTLED:
                 await self._throttle.admit(request.command == p.Command.WRITE, request.length)
             self._in_flight += 1
+            self._unanswered[id(request)] = request
             try:
-                if self._shutting_down:
-                    await self._receiver.discard(self._payload_length(request))
-                    taken, refusal = None, RequestError(p.Errno.ESHUTDOWN, "the server is shutting down")
-                else:
-                    taken, refusal = await self._receive_payload(request)
+                taken, refusal = await self._receive_payload(request)
             except BaseException:
-                self._in_flight -= 1
+                if self._unanswered is not None:  # no ESHUTDOWN went for it: nothing will answer it
+                    self._in_flight -= 1
+                    del self._unanswered[id(request)]
                 raise
             if refusal is None and self._started(request, taken):
                 continue
@@ -421,7 +458,7 @@ class Transmission:
                 reply = self._replies.done(request)
         except Exception:  # raised here, in a completion, it would end the whole server
             reply = self._internal_error(request)
-        self._answer(reply, taken[1])
+        self._answer(request, reply, taken[1])
 
     async def _handle(self, request: Request, taken: Taken | None, refusal: RequestError | None) -> None:
         self.counters.requests += 1
@@ -437,9 +474,13 @@ class Transmission:
             reply = self._volume_failed(request, error)
         except Exception:  # a bug in serving one request fails that request, not the connection
             reply = self._internal_error(request)
-        self._answer(reply, held)
+        self._answer(request, reply, held)
 
-    def _answer(self, reply: list[Buffer], held: Held) -> None:
+    def _answer(self, request: Request, reply: list[Buffer], held: Held) -> None:
+        if self._unanswered is None:  # answered with ESHUTDOWN already
+            self._buffers.release(held)
+            return
+        del self._unanswered[id(request)]
         self._outbox.append((reply, held))
         if self._outbox_filled:
             self._outbox_filled.unpark_all()
@@ -456,7 +497,6 @@ class Transmission:
             self._in_flight -= len(replies)
             if self._answered:
                 self._answered.unpark_all()
-            self._close_if_idle()
 
     def _volume_failed(self, request: Request, error: VolumeIOError) -> list[Buffer]:
         log.warning("%s at %d+%d failed: %s", request.name, request.offset, request.length, error)

@@ -110,19 +110,20 @@ def start_server(cli: Cli, tmp_path: Path):
     """Factory: start `pfnbd serve` on a fresh socket for the given volumes.
 
     Volumes named in `volumes` are created first (name -> size as the CLI takes it)
-    unless they already exist; `env` adds to the server's environment. Every server
-    still running at teardown is stopped with SIGTERM and must exit 0.
+    unless they already exist; `env` adds to the server's environment; `socket` restarts
+    a server on an earlier one's socket. Every server still running at teardown is
+    stopped with SIGTERM and must exit 0.
     """
     servers: list[Server] = []
 
     def start(volumes: dict[str, str] | None = None, *extra: str, exports: list[str] | None = None,
-              env: dict[str, str] | None = None, preexec_fn=None) -> Server:
+              env: dict[str, str] | None = None, preexec_fn=None, socket: Path | None = None) -> Server:
         volumes = {"test_v1": "64M"} if volumes is None else volumes
         existing = {v["name"] for v in json.loads(cli.run("volume", "list", "--json").stdout)}
         for name, size in volumes.items():
             if name not in existing:
                 cli.run("volume", "create", name, "--size", size)
-        socket = tmp_path / f"nbd{len(servers)}.sock"
+        socket = socket or tmp_path / f"nbd{len(servers)}.sock"
         log_path = tmp_path / f"server{len(servers)}.log"
         args = ["serve", "--socket", str(socket)]
         for name in exports if exports is not None else volumes:

@@ -6,6 +6,8 @@ steps a test lists and prints a marker per step on the serial console. The guest
   cache, then ext4, over three boots with a pfnbd restart before the third;
 - attach a volume with the kernel's own NBD client (nbd-client -C 2, through
   examples/vm/nbd-host-mount.sh) over QEMU's user-mode network, isolated from the host.
+- attach a volume with nbd-client -persist and restart pfnbd under it (issue 16): the
+  kernel client cannot survive that, whatever the server does (see the test).
 After each guest the test reads the volume through pfnbd and checks the same bytes and
 the filesystem. Guests boot through examples/vm/boot-vm.sh.
 """
@@ -141,6 +143,62 @@ def relayed_connections(relay_log: Path, expected: int) -> list[tuple[int, int]]
         time.sleep(0.05)
 
 
+def guest_network(socket_path: Path, relay_log: Path) -> list[str]:
+    """QEMU's user-mode network, where guest connections to 10.0.2.100:10809 reach pfnbd.
+
+    restrict=on: the guest reaches nothing but the forwarded address. guestfwd's
+    chardev form opens one host connection when QEMU starts (pfnbd drops it when no
+    handshake comes in time) and passes every guest connection through it; its cmd
+    form starts the relay once for each, so each gets its own connection to pfnbd.
+    """
+    relay = shlex.join([sys.executable, str(RELAY), str(socket_path), str(relay_log)])
+    return ["-netdev", f"user,id=net,restrict=on,ipv6=off,guestfwd=tcp:10.0.2.100:10809-cmd:{relay}",
+            "-device", "virtio-net-pci,netdev=net"]
+
+
+def nbd_plan() -> dict[str, str]:
+    return {**volume_plan("/dev/nbd0"), "GUEST_ADDRESS": "10.0.2.15/24",
+            "NBD_SERVER": "10.0.2.100:10809", "NBD_EXPORT": VOLUME}
+
+
+# What the kernel client does when its server restarts (guest kernel 6.1, nbd-client 3.24),
+# as this test found: either way the guest gets I/O errors, whatever the server does.
+# - netlink (nbd-client's default): nbd-client configures the device and exits, so
+#   -persist reconnects nothing; the kernel could wait for new sockets
+#   (NBD_ATTR_DEAD_CONN_TIMEOUT, NBD_CMD_RECONFIGURE) but nbd-client sets neither, and the
+#   dead connection fails every request ("Dead connection, failed to find a fallback").
+# - ioctl (-nonetlink -persist): the kernel ends NBD_DO_IT when the connection drops and
+#   fails the requests queued on it with EIO; nbd-client reconnects only after that.
+KERNEL_CLIENT_CANNOT_RECONNECT = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="nbd-client 3.24 cannot hand the kernel a new connection before it fails I/O")
+
+
+@KERNEL_CLIENT_CANNOT_RECONNECT
+@pytest.mark.parametrize("interface", ["", "-nonetlink"], ids=["netlink", "ioctl"])
+def test_kernel_nbd_client_across_a_server_restart(start_server, guests: GuestFactory,
+                                                   tmp_path: Path, interface: str):
+    """nbd-client -persist with a dead-connection timeout (-timeout 10), ext4 mounted on
+    it, and pfnbd restarted on the host between two files: what an upgrade would need."""
+    data = random.Random(9)
+    raw = data.randbytes(4 * MIB)
+    files = {"before": data.randbytes(MIB), "after": data.randbytes(MIB)}
+    volumes = {VOLUME: f"{VOLUME_MIB}M"}
+    server = start_server(volumes)
+    plan = {**nbd_plan(), "NBD_TIMEOUT": "10", "NBD_INTERFACE": interface}
+    steps = ["net-up", "nbd-attach-persist", "raw-write", "mkfs", "mount", "write-file:before",
+             "host-sync:restart", "write-file:after", "check-file:before", "umount", "raw-check"]
+    guest = guests.boot("nbd-restart", steps, plan, {"raw.bin": raw, **files},
+                        qemu_args=guest_network(server.socket, tmp_path / "relay.log"))
+    guest.wait_for_marker("wait restart", timeout=240)
+    assert server.stop() == 0, server.log()
+    server = start_server(volumes, socket=server.socket)
+    guest.resume("restart")
+    print(f"guest nbd-client -persist under {guests.accel}: powered off after "
+          f"{guest.finish(timeout=240):.1f} s")
+    check_volume(server, tmp_path, raw, files)
+
+
 def test_kernel_nbd_client_with_two_connections(start_server, guests: GuestFactory,
                                                  tmp_path: Path):
     data = random.Random(8)
@@ -148,18 +206,9 @@ def test_kernel_nbd_client_with_two_connections(start_server, guests: GuestFacto
     files = {"nbd": data.randbytes(MIB)}
     connections = 2  # and as many CPUs: blk-mq maps each CPU to one connection
     server = start_server({VOLUME: f"{VOLUME_MIB}M"})
-    # restrict=on: the guest reaches nothing but the forwarded address. guestfwd's
-    # chardev form opens one host connection when QEMU starts (pfnbd drops it when no
-    # handshake comes in time) and passes every guest connection through it; its cmd
-    # form starts the relay once for each, so each gets its own connection to pfnbd.
     relay_log = tmp_path / "relay.log"
-    relay = shlex.join([sys.executable, str(RELAY), str(server.socket), str(relay_log)])
-    network = ["-netdev", "user,id=net,restrict=on,ipv6=off,"
-                          f"guestfwd=tcp:10.0.2.100:10809-cmd:{relay}",
-               "-device", "virtio-net-pci,netdev=net"]
-    plan = {**volume_plan("/dev/nbd0"), "GUEST_ADDRESS": "10.0.2.15/24",
-            "NBD_SERVER": "10.0.2.100:10809", "NBD_EXPORT": VOLUME,
-            "NBD_CONNECTIONS": str(connections)}
+    network = guest_network(server.socket, relay_log)
+    plan = {**nbd_plan(), "NBD_CONNECTIONS": str(connections)}
     # three attachments (attach, up, up) of `connections` connections each
     steps = ["net-up", "nbd-attach", "host-sync:attached", "disk-size",
              "raw-write-each-cpu", "raw-check", "mkfs", "nbd-detach",

@@ -106,6 +106,15 @@ step_nbd_attach() {
     nbd-host-mount.sh attach "$NBD_SERVER" "$NBD_EXPORT" "$DISK" "$NBD_CONNECTIONS"
 }
 
+# The kernel client set up to outlive its server: -persist, a dead-connection timeout,
+# and $NBD_INTERFACE: empty for netlink, -nonetlink for the ioctl interface.
+step_nbd_attach_persist() {
+    [ -d /sys/module/nbd ] || modprobe nbd
+    nbd-client -N "$NBD_EXPORT" "${NBD_SERVER%:*}" "${NBD_SERVER##*:}" "$DISK" \
+        $NBD_INTERFACE -persist -timeout "$NBD_TIMEOUT"
+    wait_for 10 test "$(cat "/sys/block/${DISK#/dev/}/size")" != 0
+}
+
 step_nbd_detach() {
     nbd-host-mount.sh detach "$DISK"
 }
