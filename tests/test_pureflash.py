@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import random
 import subprocess
@@ -513,6 +514,10 @@ def test_serve_backend_pureflash_with_qemu_io(cluster, start_server, monkeypatch
     assert run("nbdinfo", "--is", "read-only", server.uri("test_v1@snap1"), timeout=STEP_TIMEOUT,
                check=False).returncode == 0
     assert run("nbdinfo", "--size", server.uri(), timeout=STEP_TIMEOUT).stdout.strip() == str(8 * MiB)
+    # The library cannot say what changed since a snapshot, nor where a snapshot's
+    # data lies: only base:allocation is offered, never a guess.
+    listing = json.loads(run("nbdinfo", "--list", "--json", server.uri(""), timeout=STEP_TIMEOUT).stdout)
+    assert [export["contexts"] for export in listing["exports"]] == [["base:allocation"]] * 2
 
     assert server.stop() == 0
     assert image.read_bytes() == expected_after_qemu_io()
