@@ -343,8 +343,8 @@ class Transmission:
         """Makes the writes just answered durable before the client goes elsewhere."""
         try:
             await self._bridge.flush()
-        except OSError as error:  # the client did not ask: nothing to answer it
-            log.warning("flush at shutdown failed: %s", error.strerror or error)
+        except VolumeIOError as error:  # the client did not ask: nothing to answer it
+            log.warning("flush at shutdown failed: %s", error)
 
     async def _read_requests(self) -> None:
         extended = self._agreement.extended_headers

@@ -11,12 +11,13 @@ while a file of that name exists in the fault directory.
 from __future__ import annotations
 
 import errno
+import subprocess
 from pathlib import Path
 
 import pytest
 import trio
 
-from conftest import run
+from conftest import SYSTEM_PYTHON, run
 from pfnbd.store import Store
 from pfnbd.volume import (
     PF_MAX_IO_SIZE,
@@ -69,6 +70,16 @@ def host_faults(host_faults_library, tmp_path) -> HostFaults:
     return HostFaults(host_faults_library, tmp_path / "faults")
 
 
+IDLE_CLIENT = r"""
+import sys, time
+import nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("connected", flush=True)
+time.sleep(60)
+"""
+
+
 def test_a_failed_flush_fails_the_export_until_it_is_opened_again(start_server, host_faults):
     server = start_server({"test_v1": "4M", "other": "4M"}, env=host_faults.env)
     qemu_io(server.uri(), "write -P 0xaa 0 64k", "flush")
@@ -84,7 +95,14 @@ def test_a_failed_flush_fails_the_export_until_it_is_opened_again(start_server, 
     qemu_io(server.uri(), "read -P 0xaa 0 64k")  # reads go on
     qemu_io(server.uri("other"), "write -P 0xcc 0 64k", "flush", "read -P 0xcc 0 64k")
     assert "flush of test_v1 failed" in server.log()
+    # A client still connected at SIGTERM: the flush shutdown makes for it fails too,
+    # which is logged, not raised.
+    idle = subprocess.Popen([SYSTEM_PYTHON, "-c", IDLE_CLIENT, server.uri()], stdout=subprocess.PIPE, text=True)
+    assert idle.stdout.readline() == "connected\n"
     assert server.stop() == 0
+    idle.kill()
+    idle.wait()
+    assert "flush at shutdown failed" in server.log()
 
     reopened = start_server({"test_v1": "4M"})
     qemu_io(reopened.uri(), "write -P 0xdd 64k 4k", "flush", "read -P 0xdd 64k 4k", "read -P 0xaa 0 64k")
