@@ -356,7 +356,8 @@ def serve(
             raise CliError("--backend pureflash needs --volume: pfnbd cannot list a cluster's volumes")
         if (io_depth, error_rate, error_status, delay) != (DEFAULT_IO_DEPTH, 0.0, "-5", 0.0):
             raise CliError("--io-depth and --inject-* apply to the emulated cluster only")
-        client = PureFlashClient(conf)  # the library named by $PFNBD_PUREFLASH_LIB
+        # The library named by $PFNBD_PUREFLASH_LIB; I/O it holds past --retry-timeout fails.
+        client = PureFlashClient(conf, io_deadline=retry_timeout)
         names, describe = volumes, client.describe
     else:
         if conf is not None:

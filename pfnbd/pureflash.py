@@ -3,8 +3,9 @@
 `PureFlashClient` loads a shared build of `libs5common` (PureFlash builds only a static
 archive; `scripts/pureflash-cluster build` links the shared one, see the README) and opens
 volumes of a real cluster with `pf_open_volume`; `PureFlashVolume` submits with `pf_iov_submit` and hands each
-completion, which arrives on the library's own thread (`vol_proc`), to the bridge's
-callback exactly as `EmulatedVolume` does.
+completion to the bridge's callback, as `EmulatedVolume` does, but from a completion thread
+of its own, a batch at a time: the library's thread (`vol_proc`) runs no Python, only
+pfnbd's small C handler (scripts/pureflash/pfnbd_completions.c), see `PureFlashVolume`.
 
 Bound with ctypes rather than cffi: ctypes ships with CPython, so the binding adds no
 dependency and no compile step, and an ABI of five functions and two structs is short
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import itertools
 import logging
 import os
+import select
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -30,10 +33,6 @@ log = logging.getLogger(__name__)
 
 LIBRARY_ENV = "PFNBD_PUREFLASH_LIB"
 DEFAULT_CONF = Path("/etc/pureflash/pf.conf")  # what the library reads when given no file
-
-# typedef void (*ulp_io_handler)(void *cbk_arg, int complete_status);
-UlpIoHandler = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)
-
 
 class Iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
@@ -67,7 +66,7 @@ _SIGNATURES = {
     ]),
     "pf_iov_submit": (ctypes.c_int, [
         _c_volume, ctypes.POINTER(Iovec), ctypes.c_uint, ctypes.c_size_t, _c_off_t,
-        UlpIoHandler, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # ulp_io_handler: pfnbd_ring_handler
     ]),
 }
 
@@ -94,6 +93,48 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
             raise VolumeOpenError(f"{path} is not a PureFlash client library: it has no {name}") from None
         function.restype, function.argtypes = restype, argtypes
     return library
+
+
+COMPLETIONS_ENV = "PFNBD_COMPLETIONS_LIB"
+COMPLETIONS_NAME = "libpfnbd_completions.so"  # built beside libs5common.so by scripts/pureflash-cluster
+RING_SLOTS = 1024  # submits a volume may have in flight, abandoned ones included (the library allows 255)
+DRAIN_BATCH = 256  # completions taken from the ring per call
+MIN_IO_DEADLINE = 10.0  # the library waits 5 s before it reopens a volume that lost its store
+WATCHDOG_PERIOD = 1.0  # how often the completion thread looks for I/O past its deadline
+CLOSE_TIMEOUT = 10.0  # a healthy library closes in milliseconds
+
+
+class Completion(ctypes.Structure):
+    """pfnbd_completions.c's struct pfnbd_completion."""
+
+    _fields_ = [("slot", ctypes.c_uint32), ("status", ctypes.c_int32)]
+
+
+_c_ring = ctypes.c_void_p  # struct pfnbd_ring *, opaque
+_RING_SIGNATURES = {
+    "pfnbd_ring_new": (_c_ring, [ctypes.c_uint32]),
+    "pfnbd_ring_free": (None, [_c_ring]),
+    "pfnbd_ring_fd": (ctypes.c_int, [_c_ring]),
+    "pfnbd_ring_slot": (ctypes.c_void_p, [_c_ring, ctypes.c_uint32]),
+    "pfnbd_ring_drain": (ctypes.c_uint32, [_c_ring, ctypes.POINTER(Completion), ctypes.c_uint32]),
+}
+
+
+def load_completions(library_path: str | os.PathLike) -> ctypes.CDLL:
+    """The completion ring (scripts/pureflash/pfnbd_completions.c): from
+    $PFNBD_COMPLETIONS_LIB, else beside the client library at `library_path`."""
+    path = os.environ.get(COMPLETIONS_ENV) or Path(library_path).with_name(COMPLETIONS_NAME)
+    try:
+        shim = ctypes.CDLL(os.fspath(path))
+    except OSError as error:
+        raise VolumeOpenError(
+            f"cannot load pfnbd's completion ring {path} (scripts/pureflash-cluster build puts it "
+            f"beside libs5common.so; or set {COMPLETIONS_ENV}): {error}"
+        ) from None
+    for name, (restype, argtypes) in _RING_SIGNATURES.items():
+        function = getattr(shim, name)
+        function.restype, function.argtypes = restype, argtypes
+    return shim
 
 
 def _c_string(text: str | None) -> bytes | None:
@@ -142,15 +183,21 @@ class PureFlashClient:
     """`pf_open_volume` against a real cluster, with the shape of `EmulatedClient`."""
 
     def __init__(
-        self, conf: str | os.PathLike | None = None, library: str | os.PathLike | None = None
+        self, conf: str | os.PathLike | None = None, library: str | os.PathLike | None = None,
+        io_deadline: float = MIN_IO_DEADLINE,
     ) -> None:
         """`conf`: the client configuration (None: the library's /etc/pureflash/pf.conf).
-        `library`: the shared libs5common (None: $PFNBD_PUREFLASH_LIB)."""
+        `library`: the shared libs5common (None: $PFNBD_PUREFLASH_LIB).  `io_deadline`:
+        seconds after which a submit the library has not completed fails with EIO
+        (`serve` gives its --retry-timeout), never less than `MIN_IO_DEADLINE`."""
         self.conf = None if conf is None else Path(conf)
         conf_path = self.conf or DEFAULT_CONF
         if not os.access(conf_path, os.R_OK):
             raise VolumeOpenError(f"cannot read the PureFlash configuration {conf_path}")
+        library = library or os.environ.get(LIBRARY_ENV)
         self._library = load_library(library)
+        self._shim = load_completions(library)
+        self.io_deadline = max(io_deadline, MIN_IO_DEADLINE)
 
     def _conf_arg(self) -> bytes | None:
         return None if self.conf is None else os.fsencode(self.conf)
@@ -163,7 +210,7 @@ class PureFlashClient:
                 f"cannot open PureFlash volume {_label(name, snap)} "
                 f"(configuration {self.conf or DEFAULT_CONF}): the library's log says why"
             )
-        return PureFlashVolume(self._library, handle, name, snap)
+        return PureFlashVolume(self._library, self._shim, handle, name, snap, self.io_deadline)
 
     def query_volume_info(self, name: str, snap: str | None = None, lib_ver: int = S5_LIB_VER) -> VolumeInfo:
         info = PfClientVolumeInfo()  # zeroed: some library versions leave fields unset
@@ -189,62 +236,173 @@ class PureFlashClient:
         return head if snap is None else f"snapshot {snap} of {head}, read-only"
 
 
-@attrs.frozen
+@attrs.define(slots=True)
 class _InFlight:
-    """What must outlive a submit until its callback: the iovec array and the buffers it
-    points into (the library reads and fills them from its own thread)."""
+    """A submit from `pf_iov_submit` until the library calls back.
+
+    The binding owns, until then, the iovec array and every buffer the library may touch:
+    a write's data (the library copies it at submit, but the pins cost nothing) and a
+    read's bounce buffer, which the library fills on its own thread.  A read lands in the
+    caller's buffers only once the library is done, from the bounce buffer: so a read the
+    watchdog failed (`abandoned`) can never scribble on a buffer the caller reused."""
 
     iovecs: ctypes.Array
-    buffers: list[ctypes.Array]
+    pins: list[ctypes.Array]
     callback: IoHandler
     cbk_arg: object
+    deadline: float
+    read_into: Sequence[memoryview] | None  # a read's destination
+    bounce: _Bounce | None = None  # what the library reads into instead
+    abandoned: bool = False
+
+
+@attrs.frozen
+class _Bounce:
+    """A read's buffer of the binding's own, with its iovec array: kept for reuse."""
+
+    data: memoryview
+    iovecs: ctypes.Array
+    pin: ctypes.Array
+
+    @classmethod
+    def new(cls, length: int) -> _Bounce:
+        data = memoryview(bytearray(length))
+        iovecs, (pin,) = _iovec_array([data])
+        return cls(data, iovecs, pin)
 
 
 class PureFlashVolume:
-    """An open volume of a real cluster, as a `VolumeBackend`."""
+    """An open volume of a real cluster, as a `VolumeBackend`.
+
+    Completions do not run Python on the library's thread: the library calls
+    pfnbd_completions.c's handler, which queues (slot, status) in a ring and signals an
+    eventfd; this volume's completion thread (`_drain`) wakes once per batch, takes the
+    GIL once, and runs the batch's callbacks.  The bridge's callback is its
+    `_CompletionInbox`, which enters trio through `TrioToken.run_sync_soon`, once per
+    batch, as the project's rule for foreign threads wants.  The same thread is the
+    watchdog: a submit the library has not completed `io_deadline` seconds after it was
+    made is completed to its caller with -EIO (the library can lose I/O for good: once a
+    reopen fails, the I/O waiting for it is never resent nor failed), and its buffers stay
+    here until the library lets go of them.
+    """
 
     can_discard = False  # the library has no trim: the bridge writes zeros instead
     dirty_bitmaps = ()  # the client API cannot tell what changed since a snapshot,
     has_depths = False  # nor where a snapshot's data lies
 
-    def __init__(self, library: ctypes.CDLL, handle: int, name: str, snap: str | None) -> None:
+    def __init__(self, library: ctypes.CDLL, shim: ctypes.CDLL, handle: int, name: str, snap: str | None,
+                 io_deadline: float) -> None:
         self._library = library
+        self._shim = shim
         self.handle: int | None = handle  # the library's struct PfClientVolume *
         self.name = _label(name, snap)
         self.size: int = library.pf_get_volume_size(handle)
         self.read_only = snap is not None
-        # Every submit passes a fresh token as cbk_arg; one C callback for the volume's
-        # lifetime finds the submit's Python side by it.  Dict updates and next() are
-        # atomic under the GIL, which the library's thread holds while in the callback.
-        self._tokens = itertools.count(1)  # never 0: that would arrive as NULL
-        self._in_flight: dict[int, _InFlight] = {}
-        self._c_callback = UlpIoHandler(self._complete)
+        self.io_deadline = io_deadline
+        self._ring = shim.pfnbd_ring_new(RING_SLOTS)
+        if not self._ring:
+            library.pf_close_volume(handle)
+            raise VolumeOpenError(f"cannot open PureFlash volume {self.name}: no memory for its completion ring")
+        self._handler = ctypes.cast(shim.pfnbd_ring_handler, ctypes.c_void_p).value
+        self._cbk_args = [shim.pfnbd_ring_slot(self._ring, slot) for slot in range(RING_SLOTS)]
+        # A slot goes from `_free` to `_in_flight` at submit and back once the library
+        # has called back; list.pop/append and item assignment are atomic under the GIL,
+        # and a slot is touched by one thread at a time: the submitter, then `_drain`.
+        self._in_flight: list[_InFlight | None] = [None] * RING_SLOTS
+        self._free = list(range(RING_SLOTS - 1, -1, -1))
+        self._bounces: dict[int, list[_Bounce]] = {}  # read bounce buffers kept for reuse
+        self._closing = False  # set by close: no submit from then on
+        self._stopping = False
+        self._give_up = threading.Event()  # set by close: the library will not let go
+        self._given_up = threading.Event()  # set by `_drain` once it failed all in flight
+        self._drainer = threading.Thread(target=self._drain, name=f"pfnbd completions {self.name}", daemon=True)
+        self._drainer.start()
 
     def iov_submit(
         self, iov: Sequence[memoryview], length: int, offset: int,
         callback: IoHandler, cbk_arg: object, is_write: bool,
     ) -> int:
-        if self.handle is None:
+        if self._closing:
             return -errno.EBADF
         if is_write and self.read_only:
             return -errno.EROFS
         # The library indexes its shards by offset unchecked: out of range is a crash.
         if offset < 0 or offset + length > self.size:
             return -errno.EINVAL
-        iovecs, buffers = _iovec_array(iov)
-        token = next(self._tokens)
+        try:
+            slot = self._free.pop()
+        except IndexError:
+            return -errno.EAGAIN
+        deadline = time.monotonic() + self.io_deadline
+        if is_write:
+            iovecs, pins = _iovec_array(iov)
+            io = _InFlight(iovecs, pins, callback, cbk_arg, deadline, None)
+        else:
+            kept = self._bounces.get(length)
+            bounce = kept.pop() if kept else _Bounce.new(length)
+            io = _InFlight(bounce.iovecs, [bounce.pin], callback, cbk_arg, deadline, iov, bounce)
         # Registered first: the completion may come before pf_iov_submit returns.
-        self._in_flight[token] = _InFlight(iovecs, buffers, callback, cbk_arg)
+        self._in_flight[slot] = io
         status = self._library.pf_iov_submit(
-            self.handle, iovecs, len(iovecs), length, offset, self._c_callback, token, int(is_write)
-        )
+            self.handle, io.iovecs, len(io.iovecs), length, offset, self._handler, self._cbk_args[slot], int(is_write))
         if status:
-            del self._in_flight[token]
+            self._release(slot)
         return status
 
-    def _complete(self, token: int, status: int) -> None:  # on the library's thread
-        io = self._in_flight.pop(token)
-        io.callback(io.cbk_arg, status)
+    def _release(self, slot: int) -> None:
+        io = self._in_flight[slot]
+        self._in_flight[slot] = None
+        if io.bounce is not None:
+            self._bounces.setdefault(len(io.bounce.data), []).append(io.bounce)
+        self._free.append(slot)
+
+    def _drain(self) -> None:  # the volume's completion thread
+        fd = self._shim.pfnbd_ring_fd(self._ring)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        batch = (Completion * DRAIN_BATCH)()
+        next_check = time.monotonic() + WATCHDOG_PERIOD
+        while True:
+            poller.poll(max(0.0, next_check - time.monotonic()) * 1000)
+            while (taken := self._shim.pfnbd_ring_drain(self._ring, batch, DRAIN_BATCH)):
+                for completion in batch[:taken]:
+                    self._complete(completion.slot, completion.status)
+                if taken < DRAIN_BATCH:
+                    break
+            if self._stopping:
+                return
+            if self._give_up.is_set() and not self._given_up.is_set():
+                self._fail_overdue(float("inf"))
+                self._given_up.set()
+            if (now := time.monotonic()) >= next_check:
+                self._fail_overdue(now)
+                next_check = now + WATCHDOG_PERIOD
+
+    def _complete(self, slot: int, status: int) -> None:  # on the completion thread
+        io = self._in_flight[slot]
+        if io is None:  # the library's bug; the ring refuses a second one once full
+            log.error("volume %s: the library completed slot %d twice, status %d", self.name, slot, status)
+            return
+        if io.abandoned:
+            log.warning("volume %s: the library completed an I/O the watchdog had failed, status %d",
+                        self.name, status)
+        else:
+            if io.read_into is not None and not status:
+                position = 0
+                for buffer in io.read_into:
+                    buffer[:] = io.bounce.data[position : position + len(buffer)]
+                    position += len(buffer)
+            io.callback(io.cbk_arg, status)
+        self._release(slot)
+
+    def _fail_overdue(self, now: float) -> None:  # on the completion thread
+        overdue = [io for io in self._in_flight if io is not None and not io.abandoned and io.deadline <= now]
+        if overdue:
+            log.error("volume %s: %d I/Os not completed by the library within %.0f s: failed with EIO, "
+                      "their buffers kept until it lets go", self.name, len(overdue), self.io_deadline)
+        for io in overdue:
+            io.abandoned = True
+            io.callback(io.cbk_arg, -errno.EIO)
 
     def discard_submit(self, offset: int, length: int, callback: IoHandler, cbk_arg: object) -> int:
         return -errno.EOPNOTSUPP
@@ -262,14 +420,37 @@ class PureFlashVolume:
     def flush(self) -> None:
         """Nothing to do: an acknowledged write is already on every replica."""
 
-    def close(self) -> None:
-        """`pf_close_volume`: returns once every in-flight I/O has called back."""
-        if self.handle is None:
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """`pf_close_volume`, which returns once every in-flight I/O has called back, and
+        then every callback delivered; at most `timeout` seconds.
+
+        The library can hold I/O forever (see the class), and then `pf_close_volume`
+        never returns: it runs on a thread of its own, and past `timeout` the volume
+        stays open, with its ring, slots and buffers (the library may still write
+        into them), for the rest of the process; every I/O still in flight is failed
+        with EIO, so that no caller waits for it."""
+        if self._closing:
             return
-        self._library.pf_close_volume(self.handle)
+        self._closing = True
+        closer = threading.Thread(target=self._library.pf_close_volume, args=(self.handle,),
+                                  name=f"pf_close_volume {self.name}", daemon=True)
+        closer.start()
+        closer.join(timeout)
         self.handle = None
-        if self._in_flight:
-            log.error("volume %s closed with %d I/Os never completed", self.name, len(self._in_flight))
+        if closer.is_alive():
+            log.error("volume %s: pf_close_volume did not return within %.0f s; left to the library",
+                      self.name, timeout)
+            self._give_up.set()  # the completion thread fails them: callbacks come from it alone
+            os.eventfd_write(self._shim.pfnbd_ring_fd(self._ring), 1)
+            self._given_up.wait(timeout)
+            return
+        self._stopping = True
+        os.eventfd_write(self._shim.pfnbd_ring_fd(self._ring), 1)
+        self._drainer.join()
+        self._shim.pfnbd_ring_free(self._ring)
+        self._ring = None
+        if any(io is not None for io in self._in_flight):
+            log.error("volume %s closed with I/Os never completed", self.name)
 
 
 def _iovec_array(buffers: Sequence[memoryview]) -> tuple[ctypes.Array, list[ctypes.Array]]:
@@ -289,4 +470,4 @@ def _iovec_array(buffers: Sequence[memoryview]) -> tuple[ctypes.Array, list[ctyp
     return iovecs, pinned
 
 
-__all__ = ["LIBRARY_ENV", "PureFlashClient", "PureFlashVolume", "VolumeInfo", "load_library"]
+__all__ = ["COMPLETIONS_ENV", "COMPLETIONS_NAME", "LIBRARY_ENV", "PureFlashClient", "PureFlashVolume", "VolumeInfo", "load_library"]
