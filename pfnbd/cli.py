@@ -24,7 +24,7 @@ from .control import ControlError, ExportControl, call, serve_control
 from .metrics import parse_address, serve_metrics
 from .negotiation import TlsMode
 from .conductor import Conductor
-from .pureflash import DEFAULT_CONF, LIBRARY_ENV, PureFlashClient
+from .pureflash import DEFAULT_CONF, LIBRARY_ENV, MIN_IO_DEADLINE, PureFlashClient
 from .server import (
     HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt,
     open_exports, open_tcp_listeners, open_unix_listener, remove_socket, SocketFile, socket_file,
@@ -357,7 +357,7 @@ def serve(
         if (io_depth, error_rate, error_status, delay) != (DEFAULT_IO_DEPTH, 0.0, "-5", 0.0):
             raise CliError("--io-depth and --inject-* apply to the emulated cluster only")
         # The library named by $PFNBD_PUREFLASH_LIB; I/O it holds past --retry-timeout fails.
-        client = PureFlashClient(conf, io_deadline=retry_timeout)
+        client = PureFlashClient(conf, io_deadline=max(retry_timeout, MIN_IO_DEADLINE))
         names, describe = volumes, client.describe
     else:
         if conf is not None:

@@ -189,7 +189,7 @@ class PureFlashClient:
         """`conf`: the client configuration (None: the library's /etc/pureflash/pf.conf).
         `library`: the shared libs5common (None: $PFNBD_PUREFLASH_LIB).  `io_deadline`:
         seconds after which a submit the library has not completed fails with EIO
-        (`serve` gives its --retry-timeout), never less than `MIN_IO_DEADLINE`."""
+        (`serve` gives its --retry-timeout, but at least `MIN_IO_DEADLINE`)."""
         self.conf = None if conf is None else Path(conf)
         conf_path = self.conf or DEFAULT_CONF
         if not os.access(conf_path, os.R_OK):
@@ -197,7 +197,7 @@ class PureFlashClient:
         library = library or os.environ.get(LIBRARY_ENV)
         self._library = load_library(library)
         self._shim = load_completions(library)
-        self.io_deadline = max(io_deadline, MIN_IO_DEADLINE)
+        self.io_deadline = io_deadline
 
     def _conf_arg(self) -> bytes | None:
         return None if self.conf is None else os.fsencode(self.conf)
