@@ -25,7 +25,7 @@ from pathlib import Path
 
 import attrs
 
-from run import REPO_ROOT, ClientFailed, last_line, run_client
+from run import REPO_ROOT, ClientFailed, last_line, machine_lines, run_client
 
 CLUSTER = REPO_ROOT / "scripts" / "pureflash-cluster"
 VOLUME = "bench"
@@ -142,6 +142,7 @@ def main() -> None:
         cluster("stop", str(directory), timeout=120)
         shutil.rmtree(directory, ignore_errors=True)
 
+    print("\n".join(machine_lines()))
     print(f"{'workload':32} {'unit':6} {'direct':>10} {'pfnbd':>10} {'pfnbd/direct':>13}")
     for workload in WORKLOADS:
         direct = statistics.median(results[(workload.label, "direct")])
