@@ -508,5 +508,6 @@ def test_pfs_killed_under_a_writer(real_cluster, serve_real):
     assert lost == []
     failed = sum(outcome != "ok" for outcome in outcomes.values())
     reconnected = len(outcomes) == writes and outcomes[writes - 1] == "ok"
+    print(restart.stderr.strip().splitlines()[-1])
     print(f"pfs restart: the library {'reconnected' if reconnected else 'never reconnected'}, "
           f"{failed} writes failed with EIO, the slowest took {slowest:.1f} s")
