@@ -1,13 +1,15 @@
 """pfnbd over NBD next to PureFlash's client library driven directly, on one real cluster.
 
-    python benchmarks/real_cluster.py [--runtime 10] [--rounds 3] [--workdir /var/tmp]
+    python benchmarks/real_cluster.py [--runtime 10] [--rounds 3] [--workdir /var/tmp] [--baseline DIR]
 
 Starts a single-node cluster with scripts/pureflash-cluster (build cached) under a fresh
 directory in --workdir (the tray gets 11 GB written: a real disk, not a tmpfs), creates a
 1 GiB volume, and per round runs each workload twice: `pf_loadgen` (benchmarks/
 pf_loadgen.c, compiled here) on the library, and fio's nbd engine against `pfnbd serve
 --backend pureflash`, both at the same block size and queue depth. Prints the medians
-and pfnbd / direct. Stops the cluster and removes its tray at the end.
+and pfnbd / direct. With --baseline DIR, the pfnbd of another checkout (say, main before a
+change) runs too, on the same cluster and volume in the same rounds, so that a change is
+compared within one run on a noisy machine. Stops the cluster and removes its tray at the end.
 """
 
 from __future__ import annotations
@@ -85,11 +87,11 @@ def nbd_iops(uri: str, output: Path, workload: Workload, runtime: int) -> float:
     return job["read" if "read" in workload.mode else "write"]["iops"]
 
 
-def start_pfnbd(directory: Path, library: str) -> tuple[subprocess.Popen, str]:
-    socket = directory / "pfnbd.sock"
-    env = {**os.environ, "PFNBD_PUREFLASH_LIB": library,
-           "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    log = open(directory / "pfnbd.log", "w")
+def start_pfnbd(directory: Path, library: str, repo: Path, label: str) -> tuple[subprocess.Popen, str]:
+    """`pfnbd serve` from the checkout `repo`, on a socket and log named by `label`."""
+    socket = directory / f"{label}.sock"
+    env = {**os.environ, "PFNBD_PUREFLASH_LIB": library, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    log = open(directory / f"{label}.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "pfnbd", "serve", "--backend", "pureflash",
                                "--conf", str(directory / "pf.conf"), "--volume", VOLUME,
                                "--socket", str(socket)], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -98,7 +100,7 @@ def start_pfnbd(directory: Path, library: str) -> tuple[subprocess.Popen, str]:
     while not socket.exists():
         if server.poll() is not None or time.monotonic() > deadline:
             server.kill()
-            sys.exit(f"real_cluster.py: pfnbd serve did not start: {last_line((directory / 'pfnbd.log').read_text())}")
+            sys.exit(f"real_cluster.py: pfnbd serve did not start: {last_line((directory / f'{label}.log').read_text())}")
         time.sleep(0.05)
     return server, f"nbd+unix:///{VOLUME}?socket={socket}"
 
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--runtime", type=int, default=10, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument("--baseline", type=Path, help="another pfnbd checkout to measure beside this one")
     options = parser.parse_args()
     for tool in ("gcc", "fio"):
         if shutil.which(tool) is None:
@@ -120,12 +123,14 @@ def main() -> None:
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(loadgen), str(Path(__file__).with_name("pf_loadgen.c")),
                     "-ldl", "-lpthread"], check=True)
     results: dict[tuple[str, str], list[float]] = {}
-    server = None
-    cluster("start", str(directory), timeout=600)
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
+        cluster("start", str(directory), timeout=600)
         subprocess.run(["curl", "-sf", f"http://127.0.0.1:49180/s5c/?op=create_volume&volume_name={VOLUME}"
                         f"&size={VOLUME_SIZE}"], check=True, capture_output=True)
-        server, uri = start_pfnbd(directory, library)
+        servers["pfnbd"] = start_pfnbd(directory, library, REPO_ROOT, "pfnbd")
+        if options.baseline:
+            servers["baseline"] = start_pfnbd(directory, library, options.baseline.resolve(), "baseline")
         # Written once end to end first, so reads do not meet never-written space.
         direct_iops(loadgen, library, directory / "pf.conf", WORKLOADS[3], max(10, options.runtime))
         for round_number in range(options.rounds):
@@ -133,21 +138,25 @@ def main() -> None:
                 print(f"round {round_number + 1}: {workload.label}", file=sys.stderr)
                 results.setdefault((workload.label, "direct"), []).append(workload.value(
                     direct_iops(loadgen, library, directory / "pf.conf", workload, options.runtime)))
-                results.setdefault((workload.label, "pfnbd"), []).append(workload.value(
-                    nbd_iops(uri, directory / "fio.json", workload, options.runtime)))
+                for name, (_, uri) in servers.items():
+                    results.setdefault((workload.label, name), []).append(workload.value(
+                        nbd_iops(uri, directory / "fio.json", workload, options.runtime)))
     finally:
-        if server is not None:
+        for server, _ in servers.values():
             server.terminate()
             server.wait(timeout=30)
-        cluster("stop", str(directory), timeout=120)
+        if (directory / "run").exists():  # also after a start that failed half-way
+            cluster("stop", str(directory), timeout=120)
         shutil.rmtree(directory, ignore_errors=True)
 
     print("\n".join(machine_lines()))
-    print(f"{'workload':32} {'unit':6} {'direct':>10} {'pfnbd':>10} {'pfnbd/direct':>13}")
+    columns = ["direct", *servers]
+    print(f"{'workload':32} {'unit':6} " + " ".join(f"{name:>10}" for name in columns)
+          + " " + " ".join(f"{name + '/direct':>15}" for name in servers))
     for workload in WORKLOADS:
-        direct = statistics.median(results[(workload.label, "direct")])
-        pfnbd = statistics.median(results[(workload.label, "pfnbd")])
-        print(f"{workload.label:32} {workload.unit:6} {direct:10.1f} {pfnbd:10.1f} {pfnbd / direct:13.2f}")
+        medians = {name: statistics.median(results[(workload.label, name)]) for name in columns}
+        print(f"{workload.label:32} {workload.unit:6} " + " ".join(f"{medians[name]:10.1f}" for name in columns)
+              + " " + " ".join(f"{medians[name] / medians['direct']:15.2f}" for name in servers))
     print(f"medians of {options.rounds} rounds of {options.runtime} s each", file=sys.stderr)
 
 
