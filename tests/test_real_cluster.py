@@ -463,7 +463,10 @@ print(json.dumps(outcomes))
 FAULT_RETRY_TIMEOUT = 20  # seconds: serve's --retry-timeout, and so its I/O watchdog's deadline
 
 
-def test_pfs_killed_under_a_writer(real_cluster, serve_real):
+# Down 1 s: back before the library's first reopen (5 s after it lost the store).  Down
+# 8 s: the reopen meets the dead store, which the conductor may then mark ERROR.
+@pytest.mark.parametrize("down_for", [1, 8])
+def test_pfs_killed_under_a_writer(real_cluster, serve_real, down_for):
     """kill -9 pfs while a client writes, start it again (and the conductor, which exits
     when the store re-registers): every write is acknowledged or a clean EIO within a
     bound, every acknowledged write is there afterwards, and the server exits in time.
@@ -483,7 +486,7 @@ def test_pfs_killed_under_a_writer(real_cluster, serve_real):
         time.sleep(1.5)  # some writes done, most to come
         assert writer.poll() is None
         os.kill(int((real_cluster.dir / "run" / "pfs.pid").read_text()), signal.SIGKILL)
-        time.sleep(1)
+        time.sleep(down_for)
         restart = cluster_script("restart-pfs", str(real_cluster.dir), timeout=300)
         assert restart.returncode == 0, restart.stderr
         # A write waits at most about twice the deadline (a retried submit gets its own).
