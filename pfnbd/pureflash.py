@@ -283,7 +283,10 @@ class PureFlashVolume:
     watchdog: a submit the library has not completed `io_deadline` seconds after it was
     made is completed to its caller with -EIO (the library can lose I/O for good: once a
     reopen fails, the I/O waiting for it is never resent nor failed), and its buffers stay
-    here until the library lets go of them.
+    here until the library lets go of them.  A write failed so may still land later if the
+    library reconnects and resends it before its own `io_timeout` (pf.conf, 30 s) has
+    passed; a deadline (serve's --retry-timeout, 30 s by default) no shorter than that
+    leaves the library to fail such writes itself.
     """
 
     can_discard = False  # the library has no trim: the bridge writes zeros instead
