@@ -33,7 +33,7 @@ from .server import (
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size
 from .throttle import BURSTS, LIMITS, Limits, ThrottleError
 from .tls import TlsConfigError, server_context
-from .transfer import export_volume, import_volume
+from .transfer import export_cluster_volume, export_volume, import_cluster_volume, import_volume
 from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, RETRY_TIME_LIMIT, EmulatedClient, Faults, VolumeClient, VolumeOpenError
 
 log = logging.getLogger("pfnbd")
@@ -245,11 +245,18 @@ def volume_import(
     name: str,
     source: Path,
     replicas: Annotated[int, typer.Option("--replicas", "-r", help="Replica count, 1 to 3.")] = 1,
+    backend: BackendOption = Backend.EMULATED,
+    conf: ConfOption = None,
 ) -> None:
     """Create a volume from a disk image (raw; qcow2 and others through qemu-img)."""
     if not source.is_file():
         raise CliError(f"{source} is not a file")
-    size = import_volume(ctx.obj, name, source, _progress(f"importing {source}"), replicas)
+    volumes = _volumes(ctx, backend, conf)
+    progress = _progress(f"importing {source}")
+    if backend is Backend.PUREFLASH:
+        size = import_cluster_volume(volumes, PureFlashClient(conf), name, source, progress, replicas)
+    else:
+        size = import_volume(volumes, name, source, progress, replicas)
     typer.echo(f"imported {source} into volume {name}: {human_size(size)}")
 
 
@@ -259,9 +266,15 @@ def volume_export(
     name: Annotated[str, typer.Argument(help="VOLUME or VOLUME@SNAPSHOT.")],
     target: Path,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite TARGET.")] = False,
+    backend: BackendOption = Backend.EMULATED,
+    conf: ConfOption = None,
 ) -> None:
     """Write a volume or snapshot to a sparse raw file."""
-    size = export_volume(ctx.obj, name, target, _progress(f"exporting {name}"), force)
+    progress = _progress(f"exporting {name}")
+    if backend is Backend.PUREFLASH:
+        size = export_cluster_volume(PureFlashClient(conf), name, target, progress, force)
+    else:
+        size = export_volume(_volumes(ctx, backend, conf), name, target, progress, force)
     typer.echo(f"exported {name} to {target}: {human_size(size)}")
 
 

@@ -153,8 +153,11 @@ class EmulatedClient:
         if not 0 < self.io_depth <= PF_MAX_IO_DEPTH:
             raise VolumeOpenError(f"io_depth must be 1..{PF_MAX_IO_DEPTH}")
         export = f"{name}@{snap}" if snap else name
-        return EmulatedVolume(self.store, self.store.open_image(export, self.read_only), export,
-                              self.io_depth, self.faults)
+        try:
+            image = self.store.open_image(export, self.read_only)
+        except StoreError as error:  # as the real binding: a volume that cannot be opened
+            raise VolumeOpenError(str(error)) from None
+        return EmulatedVolume(self.store, image, export, self.io_depth, self.faults)
 
 
 class EmulatedVolume:
@@ -176,6 +179,7 @@ class EmulatedVolume:
         self.read_only = not image.writable
         self._pool_size = 2 * io_depth
         self._in_flight = 0
+        self._closed = False
         # The library's own copies of write data: one buffer per request of the pool,
         # made when first needed and reused, as the real library's are.
         self._data_buffers: list[bytearray] = []
@@ -190,7 +194,11 @@ class EmulatedVolume:
         self, iov: Sequence[memoryview], length: int, offset: int,
         callback: IoHandler, cbk_arg: object, is_write: bool,
     ) -> int:
-        if offset % SECTOR or length % SECTOR or length > PF_MAX_IO_SIZE:
+        if self._closed:
+            return -errno.EBADF
+        # Past the end is refused as the real binding refuses it (the library itself
+        # would index a shard that does not exist).
+        if offset % SECTOR or length % SECTOR or length > PF_MAX_IO_SIZE or offset + length > self.size:
             return -errno.EINVAL
         if is_write and self.read_only:
             return -errno.EROFS
@@ -209,7 +217,9 @@ class EmulatedVolume:
         return 0
 
     def discard_submit(self, offset: int, length: int, callback: IoHandler, cbk_arg: object) -> int:
-        if offset % SECTOR or length % SECTOR:
+        if self._closed:
+            return -errno.EBADF
+        if offset % SECTOR or length % SECTOR or offset + length > self.size:
             return -errno.EINVAL
         if self.read_only:
             return -errno.EROFS
@@ -245,7 +255,11 @@ class EmulatedVolume:
         self._image.sync()
 
     def close(self) -> None:
-        """Waits for every in-flight I/O, like `pf_close_volume`."""
+        """Waits for every in-flight I/O, like `pf_close_volume`; submits after it get
+        -EBADF (the binding's answer for a closed handle), and a second close is harmless."""
+        if self._closed:
+            return
+        self._closed = True
         self._queue.put(None)
         self._thread.join()
         self._image.close()

@@ -187,3 +187,8 @@ async def serve_in_process(client, names: list[str], describe, socket: Path):
                 yield
             finally:
                 shutdown.set()
+
+
+# The real cluster's fixtures, for every file that drives one (defined after `run`,
+# which they use).
+from realcluster import real_cluster, serve_real  # noqa: E402,F401

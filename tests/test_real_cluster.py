@@ -1,147 +1,31 @@
-"""The binding and `pfnbd serve` against a real single-node PureFlash cluster.
-
-`scripts/pureflash-cluster` builds (cached by source hash) and starts ZooKeeper, MariaDB,
-the conductor and one pfs in a session temporary directory on the real disk: pfs
-zero-fills a 10 GiB metadata area on its first start, too much for a tmpfs.  Skipped, with
-the reason, when the PureFlash sources are absent ($PUREFLASH_SRC, else
-../shared/third_party); .ci/run has them.
+"""What only the real PureFlash cluster has: the query, its configuration limits,
+nbdcopy/qemu-img round trips, the conductor behind `pfnbd volume`, and pfs killed under
+a writer.  What both backends promise is in tests/test_contract.py; the cluster itself
+is tests/realcluster.py's session fixture (skipped, with the reason, without sources).
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
-import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
-import threading
 import time
-import urllib.parse
-import urllib.request
-from pathlib import Path
 
-import attrs
 import pytest
 
-from conftest import SYSTEM_PYTHON, require, run
-from test_libnbd_clients import test_libnbd_256_pipelined_requests as libnbd_256_pipelined_requests
-from test_pureflash import (
-    QEMU_IO_READS, QEMU_IO_WRITES, Completions, check_qemu_io, expected_after_qemu_io, pattern, qemu_io_command,
-)
-from pfnbd.pureflash import LIBRARY_ENV, PfClientVolumeInfo, PureFlashClient, PureFlashVolume
-from pfnbd.volume import PF_MAX_IO_SIZE, VolumeOpenError
+from conftest import SYSTEM_PYTHON, run
+from realcluster import CLUSTER_TIMEOUT, STEP_TIMEOUT, cluster_script
+from test_contract import read_through
+from test_pureflash import pattern
+from pfnbd.pureflash import PfClientVolumeInfo
+from pfnbd.volume import VolumeOpenError
 
-CLUSTER_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pureflash-cluster"
-CONDUCTOR = "http://127.0.0.1:49180/s5c/"
-STEP_TIMEOUT = 60  # seconds any one wait may take
 KiB = 1 << 10
 MiB = 1 << 20
-TRAY_DISK_NEEDED = 16 << 30  # the 15 GiB sparse tray gets 11 GB written at first start
 
-# The first test pays for the session's cold build (3.5 min on two idle cores, more in a
-# busy CI) and the cluster's start, past the suite's 300 s default.
-pytestmark = pytest.mark.timeout(1200)
-
-
-@attrs.frozen
-class RealCluster:
-    """A started cluster: its directory (pf.conf, env, logs) and the client library."""
-
-    dir: Path
-    library: Path
-    _names = itertools.count(1)
-
-    @property
-    def conf(self) -> Path:
-        return self.dir / "pf.conf"
-
-    def rest(self, op: str, **params: object) -> dict:
-        """One conductor REST call; a non-zero ret_code fails the test with its reason."""
-        query = urllib.parse.urlencode({"op": op, **params})
-        with urllib.request.urlopen(f"{CONDUCTOR}?{query}", timeout=STEP_TIMEOUT) as reply:
-            answer = json.load(reply)
-        assert answer.get("ret_code") == 0, answer
-        return answer
-
-    def create_volume(self, size: int, prefix: str = "v") -> str:
-        """A fresh volume of `size` bytes with a name no other test uses."""
-        name = f"{prefix}{next(self._names)}_{os.getpid()}"
-        self.rest("create_volume", volume_name=name, size=size)
-        return name
-
-    def client(self, io_depth: int | None = None) -> PureFlashClient:
-        conf = self.conf
-        if io_depth is not None:
-            conf = self.dir / f"pf-io_depth-{io_depth}.conf"
-            conf.write_text(self.conf.read_text() + f"io_depth={io_depth}\n")  # [client] is last
-        return PureFlashClient(conf, self.library)
-
-    def log_tail(self, name: str, lines: int = 30) -> str:
-        path = self.dir / "logs" / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-def file_system(path: Path) -> str:
-    return run("stat", "-f", "-c", "%T", str(path)).stdout.strip()
-
-
-def cluster_script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(CLUSTER_SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def real_cluster(tmp_path_factory) -> RealCluster:
-    # A cold build takes 4-8 minutes on two busy cores; a cached one, a second.
-    build = cluster_script("build", timeout=1200)
-    if build.returncode and "no PureFlash sources" in build.stderr:
-        pytest.skip(build.stderr.strip())
-    assert build.returncode == 0, build.stderr
-    base = tmp_path_factory.mktemp("pureflash")
-    own_base = file_system(base) == "tmpfs"
-    if own_base:  # pytest's temporary directory is in memory: the tray goes to the disk
-        base = Path(tempfile.mkdtemp(prefix="pfnbd-cluster-", dir="/var/tmp"))
-    if file_system(base) == "tmpfs" or shutil.disk_usage(base).free < TRAY_DISK_NEEDED:
-        pytest.skip(f"the PureFlash tray needs 16 GiB free on a real disk; {base} is "
-                    f"{file_system(base)} with {shutil.disk_usage(base).free >> 30} GiB free")
-    start = cluster_script("start", str(base), timeout=600)
-    cluster = RealCluster(base, Path(build.stdout.strip().splitlines()[-1]) / "lib" / "libs5common.so")
-    try:
-        assert start.returncode == 0, f"{start.stderr}\n{cluster.log_tail('pfs')}"
-        assert (base / "env").read_text() == f"{LIBRARY_ENV}={cluster.library}\n"
-        yield cluster
-    finally:
-        if (base / "run").exists():  # not when start refused before starting anything
-            stop = cluster_script("stop", str(base), timeout=120)
-            assert stop.returncode == 0, stop.stderr
-        assert not (base / "tray.img").exists()
-        if own_base:
-            shutil.rmtree(base)
-
-
-def submit(volume: PureFlashVolume, done: Completions, tag: object, buffers: list, offset: int,
-           is_write: bool) -> int:
-    views = [memoryview(b) for b in buffers]
-    return volume.iov_submit(views, sum(len(v) for v in views), offset, done.callback, tag, is_write)
-
-
-def submit_when_room(volume: PureFlashVolume, done: Completions, tag: object, buffers: list, offset: int,
-                     is_write: bool) -> None:
-    """Submits, waiting for a completion each time the pool is full."""
-    while (status := submit(volume, done, tag, buffers, offset, is_write)) == -errno.EAGAIN:
-        done.wait(len(done.statuses) + 1)
-    assert status == 0
-
-
-@pytest.fixture
-def volume(real_cluster):
-    """A fresh 64 MiB volume, opened."""
-    opened = real_cluster.client().open_volume(real_cluster.create_volume(64 * MiB))
-    yield opened
-    opened.close()
+pytestmark = CLUSTER_TIMEOUT
 
 
 # --- the binding on the real library -------------------------------------------------
@@ -183,167 +67,7 @@ def test_unknown_volume_and_bad_configurations(real_cluster):
         real_cluster.client(io_depth=256).open_volume(name)
 
 
-def test_every_size_up_to_128k_round_trips(volume):
-    """Every multiple of 512 up to PF_MAX_IO_SIZE, written then read back, half of them
-    scattered over two buffers; all in flight at once within the pool of 240."""
-    sizes = range(512, PF_MAX_IO_SIZE + 1, 512)
-    done = Completions()
-    offsets, written = {}, {}
-    offset = 0
-    for size in sizes:
-        offsets[size], written[size] = offset, pattern(size, seed=size)
-        offset += size
-    assert offset < volume.size
-    for size in sizes:
-        data = written[size]
-        buffers = [bytearray(data)] if size % 1024 else [bytearray(data[:512]), bytearray(data[512:])]
-        submit_when_room(volume, done, ("w", size), buffers, offsets[size], True)
-    assert set(done.wait(len(sizes)).values()) == {0}
-
-    read_back = {size: bytearray(size) for size in sizes}
-    for size in sizes:
-        submit_when_room(volume, done, ("r", size), [read_back[size]], offsets[size], False)
-    assert set(done.wait(2 * len(sizes)).values()) == {0}
-    for size in sizes:
-        assert bytes(read_back[size]) == written[size], size
-
-
-def test_submit_rules_and_never_written_space(volume):
-    done = Completions()
-    assert submit(volume, done, "odd", [bytearray(4096)], 100, False) == -errno.EINVAL
-    assert submit(volume, done, "short", [bytearray(1000)], 4096, False) == -errno.EINVAL
-    assert submit(volume, done, "big", [bytearray(PF_MAX_IO_SIZE + 512)], 0, False) == -errno.EINVAL
-    never_written = bytearray(b"\xff" * PF_MAX_IO_SIZE)
-    end = volume.size - PF_MAX_IO_SIZE  # the largest I/O, ending at the volume's end
-    assert submit(volume, done, "hole", [never_written], end, False) == 0
-    assert done.wait(1) == {"hole": 0}
-    assert never_written == bytes(PF_MAX_IO_SIZE)
-
-
-def test_callbacks_come_from_the_library_thread(volume):
-    done = Completions()
-    submitted = []
-
-    def submit_from_another_thread():
-        for n in range(16):
-            submitted.append(submit(volume, done, n, [bytearray(4 * KiB)], n * 4 * KiB, n % 2 == 0))
-
-    submitter = threading.Thread(target=submit_from_another_thread)
-    submitter.start()
-    submitter.join(STEP_TIMEOUT)
-    assert submitted == [0] * 16
-    assert done.wait(16) == {n: 0 for n in range(16)}
-    assert len(done.threads) == 1
-    assert done.threads.isdisjoint({submitter.ident, threading.main_thread().ident})
-
-
-def test_pool_is_twice_io_depth_then_eagain(real_cluster):
-    """The real pool holds 2 * io_depth requests; the next submit gets -EAGAIN at once."""
-    volume = real_cluster.client(io_depth=4).open_volume(real_cluster.create_volume(MiB))
-    done = Completions()
-    try:
-        statuses = [submit(volume, done, n, [bytearray(PF_MAX_IO_SIZE)], 0, False) for n in range(64)]
-        accepted = statuses.count(0)
-        assert set(statuses) <= {0, -errno.EAGAIN}
-        # Completions free slots as the loop runs, so more than 8 may be accepted, but
-        # the first 8 always are and a 128 KiB read takes longer than 8 submits.
-        assert statuses[:8] == [0] * 8 and -errno.EAGAIN in statuses, statuses
-        assert set(done.wait(accepted).values()) == {0}
-    finally:
-        volume.close()
-
-
-def test_snapshot_opens_read_only_by_name(real_cluster):
-    name = real_cluster.create_volume(4 * MiB)
-    client = real_cluster.client()
-    head = client.open_volume(name)
-    done = Completions()
-    try:
-        assert submit(head, done, "before", [bytearray(b"\x11" * 64 * KiB)], 0, True) == 0
-        assert done.wait(1) == {"before": 0}
-        real_cluster.rest("create_snapshot", volume_name=name, snapshot_name="snap1")
-        assert submit(head, done, "after", [bytearray(b"\x22" * 64 * KiB)], 0, True) == 0
-        assert done.wait(2)["after"] == 0
-        snapshot = client.open_volume(name, "snap1")
-        try:
-            assert (snapshot.read_only, snapshot.size, snapshot.name) == (True, 4 * MiB, f"{name}@snap1")
-            assert submit(snapshot, done, "refused", [bytearray(4096)], 0, True) == -errno.EROFS
-            old, new = bytearray(64 * KiB), bytearray(64 * KiB)
-            assert submit(snapshot, done, "old", [old], 0, False) == 0
-            assert submit(head, done, "new", [new], 0, False) == 0
-            statuses = done.wait(4)
-            assert (statuses["old"], statuses["new"]) == (0, 0)
-            assert (bytes(old), bytes(new)) == (b"\x11" * 64 * KiB, b"\x22" * 64 * KiB)
-        finally:
-            snapshot.close()
-        with pytest.raises(VolumeOpenError, match=f"cannot open PureFlash volume {name}@nosnap "):
-            client.open_volume(name, "nosnap")
-    finally:
-        head.close()
-
-
-def test_close_waits_for_in_flight_io(real_cluster):
-    volume = real_cluster.client().open_volume(real_cluster.create_volume(16 * MiB))
-    done = Completions()
-    count = 0
-    for n in range(64):
-        status = submit(volume, done, n, [bytearray(pattern(PF_MAX_IO_SIZE, n))], n * PF_MAX_IO_SIZE, True)
-        assert status in (0, -errno.EAGAIN)
-        count += status == 0
-    volume.close()  # returns only once every accepted write has called back
-    assert len(done.statuses) == count and set(done.statuses.values()) == {0}
-    assert volume.iov_submit([memoryview(bytearray(512))], 512, 0, done.callback, "late", False) == -errno.EBADF
-
-
 # --- real clients through `pfnbd serve --backend pureflash` --------------------------
-
-
-def write_through_library(cluster: RealCluster, name: str, offset: int, data: bytes) -> None:
-    volume = cluster.client().open_volume(name)
-    done = Completions()
-    try:
-        for n, start in enumerate(range(0, len(data), PF_MAX_IO_SIZE)):
-            chunk = bytearray(data[start : start + PF_MAX_IO_SIZE])
-            submit_when_room(volume, done, n, [chunk], offset + start, True)
-        assert set(done.wait(n + 1).values()) == {0}
-    finally:
-        volume.close()
-
-
-def read_through_library(cluster: RealCluster, name: str) -> bytes:
-    volume = cluster.client().open_volume(name)
-    done = Completions()
-    chunks = [bytearray(PF_MAX_IO_SIZE) for _ in range(volume.size // PF_MAX_IO_SIZE)]
-    try:
-        for n, chunk in enumerate(chunks):
-            submit_when_room(volume, done, n, [chunk], n * PF_MAX_IO_SIZE, False)
-        assert set(done.wait(len(chunks)).values()) == {0}
-    finally:
-        volume.close()
-    return b"".join(chunks)
-
-
-@pytest.fixture
-def serve_real(real_cluster, start_server, monkeypatch):
-    """Factory: `pfnbd serve --backend pureflash --conf DIR/pf.conf` for the given exports."""
-    monkeypatch.setenv(LIBRARY_ENV, str(real_cluster.library))
-
-    def serve(*exports: str, extra: tuple[str, ...] = ()):
-        return start_server({}, "--backend", "pureflash", "--conf", str(real_cluster.conf), *extra,
-                            exports=list(exports))
-
-    return serve
-
-
-def test_qemu_io_through_pfnbd(real_cluster, serve_real):
-    require("qemu-io")
-    name = real_cluster.create_volume(8 * MiB, prefix="qemu_io")
-    write_through_library(real_cluster, name, 6 * MiB, b"\x77" * 64 * KiB)  # behind the server's back
-    server = serve_real(name)
-    check_qemu_io(run(*qemu_io_command(server.uri(name), *QEMU_IO_WRITES, *QEMU_IO_READS),
-                      timeout=STEP_TIMEOUT, check=False))
-    assert server.stop() == 0
-    assert read_through_library(real_cluster, name) == expected_after_qemu_io()
 
 
 def test_qemu_img_nbdinfo_and_nbdcopy_round_trip(real_cluster, serve_real, tmp_path):
@@ -374,30 +98,7 @@ def test_qemu_img_nbdinfo_and_nbdcopy_round_trip(real_cluster, serve_real, tmp_p
     run("nbdcopy", uri, str(out), timeout=STEP_TIMEOUT)
     assert out.read_bytes() == second.read_bytes()
     assert server.stop() == 0
-    assert read_through_library(real_cluster, name) == second.read_bytes()
-
-
-def test_libnbd_256_pipelined_requests_on_the_real_cluster(real_cluster, serve_real):
-    real_cluster.rest("create_volume", volume_name="test_v1", size=64 * MiB)  # what the test reads
-    libnbd_256_pipelined_requests(serve_real("test_v1"))
-
-
-def test_snapshot_exported_read_only(real_cluster, serve_real):
-    require("qemu-io", "nbdinfo")
-    name = real_cluster.create_volume(4 * MiB, prefix="snap")
-    write_through_library(real_cluster, name, 0, b"\x5a" * MiB)
-    real_cluster.rest("create_snapshot", volume_name=name, snapshot_name="snap1")
-    server = serve_real(name, f"{name}@snap1")
-    head, snapshot = server.uri(name), server.uri(f"{name}@snap1")
-    check_qemu_io(run(*qemu_io_command(head, "write -P 0x33 0 64k", "read -P 0x33 0 64k"),
-                      timeout=STEP_TIMEOUT, check=False))
-    check_qemu_io(run(*qemu_io_command(snapshot, "read -P 0x5a 0 1M", "read -P 0 1M 3M", read_only=True),
-                      timeout=STEP_TIMEOUT, check=False))
-    refused = run(*qemu_io_command(snapshot, "write -P 1 0 4096"), timeout=STEP_TIMEOUT, check=False)
-    assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused
-    assert run("nbdinfo", "--is", "read-only", snapshot, timeout=STEP_TIMEOUT, check=False).returncode == 0
-    listing = run("nbdinfo", "--list", head, timeout=STEP_TIMEOUT).stdout
-    assert f"snapshot snap1 of PureFlash volume {name}" in listing
+    assert read_through(real_cluster.client().open_volume(name)) == second.read_bytes()
 
 
 # --- `pfnbd volume ... --backend pureflash`: the conductor through ZooKeeper --------
@@ -505,7 +206,7 @@ def test_pfs_killed_under_a_writer(real_cluster, serve_real, down_for):
     stopped_at = time.monotonic()
     assert server.stop(timeout=60) == 0, server.log()
     assert time.monotonic() - stopped_at < 30
-    data = read_through_library(real_cluster, name)
+    data = read_through(real_cluster.client().open_volume(name))
     lost = [i for i, outcome in outcomes.items()
             if outcome == "ok" and data[i * 64 * KiB : (i + 1) * 64 * KiB] != bytes([i % 251 + 1]) * 64 * KiB]
     assert lost == []

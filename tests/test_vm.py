@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Server, require, run
+from realcluster import CLUSTER_TIMEOUT
 from vm.guest import GuestFactory, probe_accel
 from vm.initramfs import GUEST_PROGRAMS, guest_base
 from vm.kernel import Kernel, cached_kernel
@@ -75,12 +76,13 @@ def guests(tmp_path: Path, guest_kernel: Kernel, guest_initramfs: bytes, accel: 
     factory.kill_all()
 
 
-def check_volume(server: Server, directory: Path, raw: bytes, files: dict[str, bytes]) -> None:
+def check_volume(server: Server, directory: Path, raw: bytes, files: dict[str, bytes],
+                 volume: str = VOLUME) -> None:
     """Reads the whole volume through pfnbd and checks what the guests wrote: the raw
     pattern, a clean filesystem, and each data file with its directory of small files."""
     image = directory / "volume.img"
     image.unlink(missing_ok=True)
-    run("nbdcopy", server.uri(VOLUME), str(image))
+    run("nbdcopy", server.uri(volume), str(image))
     with open(image, "rb") as volume:
         volume.seek(RAW_OFFSET_MIB * MIB)
         assert volume.read(len(raw)) == raw, "the raw pattern differs on the host"
@@ -120,6 +122,23 @@ def test_virtio_disk_survives_reboots_and_server_restart(start_server, guests: G
     server = start_server(volumes)
     boot("boot3", ["raw-check", "mount", "check-file:boot1", "check-file:boot2",
                    "write-file:boot3", "umount"], ["boot1", "boot2", "boot3"])
+
+
+@CLUSTER_TIMEOUT
+def test_virtio_disk_on_a_real_cluster(real_cluster, serve_real, guests: GuestFactory, tmp_path: Path):
+    """One boot on a real PureFlash volume (`serve --backend pureflash`): raw writes read
+    back past the page cache, then ext4 and a file; then a second server opens the
+    volume afresh and the host reads it all back through it."""
+    data = random.Random(10)
+    raw = data.randbytes(4 * MIB)
+    files = {"real": data.randbytes(MIB)}
+    name = real_cluster.create_volume(VOLUME_MIB * MIB, prefix="vm")
+    server = serve_real(name)
+    print(guests.run("real", ["virtio-disk", "disk-size", "raw-write", "raw-check", "mkfs", "mount",
+                              "write-file:real", "umount"],
+                     volume_plan("/dev/vda"), {"raw.bin": raw, **files}, disks=[server.uri(name)]))
+    assert server.stop() == 0, server.log()
+    check_volume(serve_real(name), tmp_path, raw, files, volume=name)
 
 
 def accepted_connections(socket_path: Path) -> int:
