@@ -55,7 +55,11 @@ ALLOWED_FLAGS = {
 }
 MUTATING = {p.Command.WRITE, p.Command.TRIM, p.Command.WRITE_ZEROES}
 DIRECT_COMMANDS = {p.Command.READ, p.Command.WRITE}  # candidates for the task-free path
-THROTTLED = {int(p.Command.READ), int(p.Command.WRITE)}  # what an export's I/O limits count
+# What an export's I/O limits count, and as what (is it a write?).  As QEMU's block
+# layer: reads and writes of data, a CACHE as a read and a WRITE_ZEROES as a write
+# of their whole length; TRIM, FLUSH and BLOCK_STATUS are never throttled.
+THROTTLED = {int(p.Command.READ): False, int(p.Command.CACHE): False,
+             int(p.Command.WRITE): True, int(p.Command.WRITE_ZEROES): True}
 # Plain ints for the checks made on every request: `int & IntFlag` builds a flag object.
 FUA = int(p.CommandFlags.FUA)
 DF = int(p.CommandFlags.DF)
@@ -359,8 +363,8 @@ class Transmission:
                 await self._answered.park()
             # The export's I/O limits, before the payload is read and anything submitted:
             # a throttled client's bytes wait in its socket.
-            if self._throttle.limited and request.command in THROTTLED:
-                await self._throttle.admit(request.command == p.Command.WRITE, request.length)
+            if self._throttle.limited and (is_write := THROTTLED.get(request.command)) is not None:
+                await self._throttle.admit(is_write, request.length)
             self._in_flight += 1
             self._unanswered[id(request)] = (request, received)
             try:
