@@ -184,8 +184,10 @@ class ServerStats:
     exports: list[ExportStats]
 
 
-# How a connection that never reached transmission may end without its handshake failing.
-HANDSHAKE_NOT_FAILED = ("closed in negotiation", "closed by server shutdown")
+# How a connection that never reached transmission may end without its handshake
+# failing: the client aborted, or the server shut down or removed the export it chose.
+EXPORT_REMOVED = "export removed during negotiation"
+HANDSHAKE_NOT_FAILED = ("closed in negotiation", "closed by server shutdown", EXPORT_REMOVED)
 
 
 class Server:
@@ -294,7 +296,7 @@ class Server:
             return "closed in negotiation"
         name = connection.agreement.export.name
         if self._infos.get(name) is not connection.agreement.export:
-            return "export removed during negotiation"
+            return EXPORT_REMOVED
         export = self._exports[name]
         channel = connection.channel
         connection.transmission = Transmission(

@@ -308,6 +308,7 @@ def test_an_export_removed_as_a_client_enters_transmission(tmp_path, caplog, win
                 assert control.query_block_exports({}) == []
                 snapshot = server.snapshot()
                 assert snapshot.active == 0 and snapshot.exports[0].in_flight == 0
+                assert snapshot.failed_handshakes == 0  # the server ended it, not a broken client
             assert closes == [window]  # the control closed it; ExportControl.open's exit did not again
         assert closes == [window]  # nor did open_exports'
 
