@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import subprocess
 import time
 
@@ -37,6 +38,7 @@ CONNECTIONS = 3  # per export
 BLOCKS = 1024  # per connection: 4 MiB each, rewritten at random
 LOAD_SECONDS = 1.5  # of writing before the deletion, and again after it
 RACE_TIMEOUT = 30
+START_TIMEOUT = 30  # seconds for the writers to connect
 
 # Writes 4 KiB blocks at random in each connection's own region, WINDOW in flight,
 # never two on one block at once, each write with a seed of its own; until its
@@ -138,7 +140,11 @@ print(json.dumps({"blocks": len(history), "acknowledged": acknowledged, "lost": 
 def start_writers(uri: str) -> subprocess.Popen[str]:
     writers = subprocess.Popen([SYSTEM_PYTHON, "-c", LIBNBD_HELPERS + WRITER, uri, str(CONNECTIONS), str(BLOCKS)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert writers.stdout.readline() == "writing\n", writers.stderr.read()
+    ready, _, _ = select.select([writers.stdout], [], [], START_TIMEOUT)
+    line = writers.stdout.readline() if ready else f"(nothing in {START_TIMEOUT} s)"
+    if line != "writing\n":
+        writers.kill()
+        raise AssertionError(f"the writers did not start: {line!r} {writers.stderr.read()}")
     return writers
 
 
