@@ -20,11 +20,14 @@ import platform
 import re
 import shutil
 import signal
+import socket as stdlib_socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -39,6 +42,7 @@ BASELINE = "qemu-nbd"
 FULL_DEFAULTS = {"size": 1 << 30, "rounds": 3, "runtime": 10}
 QUICK_DEFAULTS = {"size": 32 * MIB, "rounds": 2, "runtime": 1}
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+SCRAPE_INTERVAL = 1.0  # seconds between scrapes of pfnbd+metrics, as a Prometheus set to 1 s
 
 
 class HarnessError(Exception):
@@ -120,6 +124,15 @@ def pfnbd_command(server_dir: Path, socket: Path) -> list[str]:
     return pfnbd_argv("serve", "--volume", EXPORT, "--socket", str(socket))
 
 
+def pfnbd_metrics_command(server_dir: Path, socket: Path) -> list[str]:
+    """pfnbd with `--metrics` on a free loopback port, which `start_server` scrapes."""
+    with stdlib_socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (server_dir / "metrics-port").write_text(str(port))
+    return [*pfnbd_command(server_dir, socket), "--metrics", f"127.0.0.1:{port}"]
+
+
 def qemu_nbd_command(server_dir: Path, socket: Path) -> list[str]:
     # qemu-nbd's defaults (--cache=writeback, --aio=threads) spelled out; --persistent keeps
     # it serving after the first client leaves, -e 8 lets fio's 4 jobs connect at once.
@@ -142,17 +155,24 @@ class ServerKind:
     env: Callable[[Path], dict[str, str] | None]
     # pfnbd promises exit 0 on SIGTERM; the peers may simply die of the signal.
     clean_exit_codes: frozenset[int]
+    scraped: bool = False  # its /metrics is fetched every SCRAPE_INTERVAL while it serves
 
 
 SERVER_KINDS = {
     kind.name: kind for kind in [
         ServerKind("pfnbd", (), create_pfnbd_volume, pfnbd_command, pfnbd_env, frozenset({0})),
+        # What serving metrics costs: the same pfnbd, scraped as Prometheus would scrape it.
+        ServerKind("pfnbd+metrics", (), create_pfnbd_volume, pfnbd_metrics_command, pfnbd_env,
+                   frozenset({0}), scraped=True),
         ServerKind("qemu-nbd", (QEMU_NBD,), create_raw_image, qemu_nbd_command,
                    lambda server_dir: None, frozenset({0, -signal.SIGTERM})),
         ServerKind("nbdkit", (NBDKIT,), create_raw_image, nbdkit_command,
                    lambda server_dir: None, frozenset({0, -signal.SIGTERM})),
     ]
 }
+
+
+DEFAULT_SERVERS = ["pfnbd", "qemu-nbd", "nbdkit"]
 
 
 def die_with_parent() -> None:
@@ -162,12 +182,38 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
+class Scraper:
+    """Fetches a URL every SCRAPE_INTERVAL in a thread of its own until stopped."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.scrapes = 0
+        self.failures = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(SCRAPE_INTERVAL):
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    response.read()
+                self.scrapes += 1
+            except OSError:
+                self.failures += 1
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
 @attrs.define
 class RunningServer:
     kind: ServerKind
     process: subprocess.Popen
     socket: Path
     log_path: Path
+    scraper: Scraper | None = None
 
     @property
     def name(self) -> str:
@@ -204,6 +250,10 @@ class RunningServer:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = 30) -> int:
+        if self.scraper is not None:
+            self.scraper.stop()
+            progress(f"{self.name}: {self.scraper.scrapes} scrapes of {self.scraper.url}, "
+                     f"{self.scraper.failures} failed")
         if self.process.poll() is None:
             self.process.terminate()
         try:
@@ -227,6 +277,9 @@ def start_server(kind: ServerKind, workdir: Path, size: int) -> RunningServer:
     server = RunningServer(kind, process, socket, log_path)
     try:
         wait_until_serving(server, size)
+        if kind.scraped:
+            port = (server_dir / "metrics-port").read_text()
+            server.scraper = Scraper(f"http://127.0.0.1:{port}/metrics")
     except BaseException:
         server.stop()
         raise
@@ -542,9 +595,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="small and short: checks the harness works, numbers mean little")
     parser.add_argument("--servers", type=partial(parse_choices, list(SERVER_KINDS)),
-                        default=list(SERVER_KINDS),
+                        default=DEFAULT_SERVERS,
                         help=f"comma-separated subset of {','.join(SERVER_KINDS)}, in table order "
-                             "(default: all)")
+                             f"(default: {','.join(DEFAULT_SERVERS)})")
     parser.add_argument("--workloads", type=partial(parse_choices, list(WORKLOADS_BY_KEY)),
                         default=list(WORKLOADS_BY_KEY),
                         help=f"comma-separated subset of {','.join(WORKLOADS_BY_KEY)} "
@@ -570,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [WORKLOADS_BY_KEY[key] for key in args.workloads]
     try:
         check_tools([NBDCOPY, NBDINFO, FIO, *(tool for kind in kinds for tool in kind.tools)])
-        if "pfnbd" in args.servers:
+        if any(kind.env is pfnbd_env for kind in kinds):
             check_pfnbd_runs()
         with tempfile.TemporaryDirectory(prefix="pfnbd-bench-", dir=args.workdir) as workdir:
             needed = (len(kinds) + 1) * args.size

@@ -29,13 +29,14 @@ import attrs
 import trio
 
 from . import protocol as p
+from .counters import RequestCounters
 from .negotiation import Agreement, Channel, ExportInfo, Negotiation, RemoteProtocolError, TlsMode, negotiate
 from .store import split_snapshot_name
 from .streams import ClientDisconnected
 from .throttle import Throttle
 from .tls import TlsHandshakeError, TlsStream
-from .transmission import Counters, Transmission
-from .volume import RETRY_TIME_LIMIT, VolumeBridge, VolumeClient
+from .transmission import Transmission
+from .volume import RETRY_TIME_LIMIT, BackendCounters, VolumeBridge, VolumeClient
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +157,12 @@ class _Connection:
 
 @attrs.define
 class _ExportTotals:
-    """Per-export counters of the connections that have ended."""
+    """Per-export counters of the connections that have ended, and of the bridges
+    of the exports of this name that were removed."""
 
     connections: int = 0
-    counters: dict[str, int] = attrs.Factory(lambda: attrs.asdict(Counters()))
-
-    def add(self, counters: Counters) -> None:
-        for key, value in attrs.asdict(counters).items():
-            self.counters[key] += value
+    counters: RequestCounters = attrs.Factory(RequestCounters)
+    backend: BackendCounters = attrs.Factory(BackendCounters)
 
 
 @attrs.frozen
@@ -171,7 +170,8 @@ class ExportStats:
     name: str
     connections: int  # ever, the active ones included
     active: int
-    counters: dict[str, int]  # the fields of `Counters`
+    counters: RequestCounters
+    backend: BackendCounters
     in_flight: int  # requests read and not answered yet
 
 
@@ -180,7 +180,14 @@ class ServerStats:
     accepted: int
     active: int
     refused: int
+    failed_handshakes: int  # connections that ended before transmission, other than by an abort
     exports: list[ExportStats]
+
+
+# How a connection that never reached transmission may end without its handshake
+# failing: the client aborted, or the server shut down or removed the export it chose.
+EXPORT_REMOVED = "export removed during negotiation"
+HANDSHAKE_NOT_FAILED = ("closed in negotiation", "closed by server shutdown", EXPORT_REMOVED)
 
 
 class Server:
@@ -197,6 +204,7 @@ class Server:
         self._totals = {name: _ExportTotals() for name in self._exports}
         self._accepted = 0
         self._refused = 0
+        self._failed_handshakes = 0
 
     async def run(
         self,
@@ -271,6 +279,8 @@ class Server:
             await _close(connection.channel.stream)
             self._connections.discard(connection)
             self._connections_changed.unpark_all()
+            if connection.transmission is None and outcome not in HANDSHAKE_NOT_FAILED:
+                self._failed_handshakes += 1
             self._add_to_totals(connection)
             log.info("%s", _summary(connection, outcome))
 
@@ -286,7 +296,7 @@ class Server:
             return "closed in negotiation"
         name = connection.agreement.export.name
         if self._infos.get(name) is not connection.agreement.export:
-            return "export removed during negotiation"
+            return EXPORT_REMOVED
         export = self._exports[name]
         channel = connection.channel
         connection.transmission = Transmission(
@@ -322,7 +332,9 @@ class Server:
         """Waits until the connections of a withdrawn export have ended, then forgets it."""
         while self.clients(name):
             await self._connections_changed.park()
-        return self._exports.pop(name)
+        export = self._exports.pop(name)
+        self._totals[name].backend.add(export.bridge.counters)
+        return export
 
     def _add_to_totals(self, connection: _Connection) -> None:
         if connection.export is None:
@@ -330,31 +342,38 @@ class Server:
         totals = self._totals[connection.export]
         totals.connections += 1
         if connection.transmission is not None:
-            totals.add(connection.transmission.counters)
+            totals.counters.add(connection.transmission.counters)
 
     def snapshot(self) -> ServerStats:
-        """The server's counters now, ended connections and active ones together."""
+        """The server's counters now, ended connections and active ones together:
+        copies, which the caller may read in any thread."""
         exports = []
         for name, ended in self._totals.items():
-            totals = _ExportTotals(ended.connections, dict(ended.counters))
+            counters, backend = RequestCounters(), BackendCounters()
+            counters.add(ended.counters)
+            backend.add(ended.backend)
+            export = self._exports.get(name)
+            if export is not None:
+                backend.add(export.bridge.counters)
             active = [c for c in self._connections if c.export == name]
             in_flight = 0
             for connection in active:
-                totals.connections += 1
                 if connection.transmission is not None:
-                    totals.add(connection.transmission.counters)
+                    counters.add(connection.transmission.counters)
                     in_flight += connection.transmission.in_flight
-            exports.append(ExportStats(name, totals.connections, len(active), totals.counters, in_flight))
-        return ServerStats(self._accepted, len(self._connections), self._refused, exports)
+            exports.append(ExportStats(name, ended.connections + len(active), len(active), counters, backend,
+                                       in_flight))
+        return ServerStats(self._accepted, len(self._connections), self._refused, self._failed_handshakes,
+                           exports)
 
     def stats(self) -> list[str]:
         """`stats` log lines: the server's connections, then each export's counters."""
         snapshot = self.snapshot()
         lines = [logfmt("stats", accepted=snapshot.accepted, active=snapshot.active,
-                        refused=snapshot.refused)]
+                        refused=snapshot.refused, failed_handshakes=snapshot.failed_handshakes)]
         for export in snapshot.exports:
             lines.append(logfmt("stats", export=export.name, connections=export.connections,
-                                active=export.active, **export.counters))
+                                active=export.active, **export.counters.summary()))
         return lines
 
 
@@ -392,7 +411,7 @@ def _summary(connection: _Connection, outcome: str) -> str:
         fields["replies"] = _reply_kind(connection.agreement)
         fields["contexts"] = ",".join(connection.agreement.meta_contexts.values()) or None
     if connection.transmission is not None:
-        fields.update(attrs.asdict(connection.transmission.counters))
+        fields.update(connection.transmission.counters.summary())
     fields["seconds"] = f"{trio.current_time() - connection.started:.3f}"
     fields["end"] = outcome
     return logfmt("connection", **fields)

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import NamedTuple
 
-import attrs
 import trio
 
 from . import protocol as p
+from .counters import RequestCounters
 from .negotiation import Agreement, RemoteProtocolError
 from .streams import Buffer, ClientDisconnected, Receiver, Sender
 from .throttle import Throttle
@@ -54,7 +55,11 @@ ALLOWED_FLAGS = {
 }
 MUTATING = {p.Command.WRITE, p.Command.TRIM, p.Command.WRITE_ZEROES}
 DIRECT_COMMANDS = {p.Command.READ, p.Command.WRITE}  # candidates for the task-free path
-THROTTLED = {int(p.Command.READ), int(p.Command.WRITE)}  # what an export's I/O limits count
+# What an export's I/O limits count, and as what (is it a write?).  As QEMU's block
+# layer: reads and writes of data, a CACHE as a read and a WRITE_ZEROES as a write
+# of their whole length; TRIM, FLUSH and BLOCK_STATUS are never throttled.
+THROTTLED = {int(p.Command.READ): False, int(p.Command.CACHE): False,
+             int(p.Command.WRITE): True, int(p.Command.WRITE_ZEROES): True}
 # Plain ints for the checks made on every request: `int & IntFlag` builds a flag object.
 FUA = int(p.CommandFlags.FUA)
 DF = int(p.CommandFlags.DF)
@@ -101,14 +106,6 @@ class Request(NamedTuple):  # not a frozen attrs class: one is made per request
             return p.Command(self.command).name
         except ValueError:
             return str(self.command)
-
-
-@attrs.define
-class Counters:
-    requests: int = 0
-    errors: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
 
 
 class BufferPool:
@@ -269,14 +266,15 @@ class Transmission:
         self._buffers = BufferPool(MAX_BYTES_IN_FLIGHT)
         self._max_payload = agreement.export.block_sizes.maximum
         self._allowed_flags = allowed_flags(agreement)
-        self.counters = Counters()
+        self.counters = RequestCounters()
         self.reading = trio.CancelScope()
         self._shutting_down = False
         self._awaiting_header = False  # the reader is between requests: stopping it loses none
         self._in_flight = 0  # requests read whose replies have not been sent yet
         # Requests read whose reply is not queued yet, by identity (two requests may be
-        # equal): what a shutdown that runs out of time answers with ESHUTDOWN.
-        self._unanswered: dict[int, Request] | None = {}  # None once refused
+        # equal), with when their header arrived: what a shutdown that runs out of time
+        # answers with ESHUTDOWN.
+        self._unanswered: dict[int, tuple[Request, float]] | None = {}  # None once refused
         self._answered = trio.lowlevel.ParkingLot()
         self._outbox: deque[tuple[list[Buffer], Held]] = deque()  # replies, and what each releases
         self._outbox_filled = trio.lowlevel.ParkingLot()
@@ -333,9 +331,11 @@ class Transmission:
         them out, an old write landing over a newer one.  Nothing more is received."""
         self.reading.cancel()
         unanswered, self._unanswered = self._unanswered, None
-        for request in unanswered.values():
+        now = time.monotonic()
+        for request, received in unanswered.values():
             self._outbox.append((self._refuse(request, p.Errno.ESHUTDOWN, "the server is shutting down"),
                                  NOTHING_HELD))
+            self.counters.answer(request.command, now - received)
         if self._outbox_filled:
             self._outbox_filled.unpark_all()
 
@@ -354,6 +354,7 @@ class Transmission:
                 header = await self._receiver.receive_exactly(self._header)
             finally:
                 self._awaiting_header = False
+            received = time.monotonic()
             request = Request.parse(header, extended)
             log.debug("request %s", request)
             if request.command == p.Command.DISC:
@@ -362,10 +363,10 @@ class Transmission:
                 await self._answered.park()
             # The export's I/O limits, before the payload is read and anything submitted:
             # a throttled client's bytes wait in its socket.
-            if self._throttle.limited and request.command in THROTTLED:
-                await self._throttle.admit(request.command == p.Command.WRITE, request.length)
+            if self._throttle.limited and (is_write := THROTTLED.get(request.command)) is not None:
+                await self._throttle.admit(is_write, request.length)
             self._in_flight += 1
-            self._unanswered[id(request)] = request
+            self._unanswered[id(request)] = (request, received)
             try:
                 taken, refusal = await self._receive_payload(request)
             except BaseException:
@@ -444,9 +445,9 @@ class Transmission:
         if self._ended:
             return
         if status and self._bridge.retryable(status):
+            self._bridge.counters.retries += 1
             self._handlers.start_soon(self._handle, request, taken, None)  # retried there
             return
-        self.counters.requests += 1
         try:
             if status:
                 reply = self._volume_failed(request, VolumeIOError(status))
@@ -461,7 +462,6 @@ class Transmission:
         self._answer(request, reply, taken[1])
 
     async def _handle(self, request: Request, taken: Taken | None, refusal: RequestError | None) -> None:
-        self.counters.requests += 1
         buffer, held = taken or (memoryview(b""), NOTHING_HELD)
         try:
             if refusal is not None:
@@ -480,7 +480,8 @@ class Transmission:
         if self._unanswered is None:  # answered with ESHUTDOWN already
             self._buffers.release(held)
             return
-        del self._unanswered[id(request)]
+        _, received = self._unanswered.pop(id(request))
+        self.counters.answer(request.command, time.monotonic() - received)
         self._outbox.append((reply, held))
         if self._outbox_filled:
             self._outbox_filled.unpark_all()
@@ -507,7 +508,7 @@ class Transmission:
         return self._refuse(request, p.Errno.EIO, "internal server error")
 
     def _refuse(self, request: Request, error: p.Errno, message: str) -> list[Buffer]:
-        self.counters.errors += 1
+        self.counters.refuse(request.command, error)
         log.debug("refused %s at %d+%d: %s", request.name, request.offset, request.length, message)
         return self._replies.error(request, error, message)
 

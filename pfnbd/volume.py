@@ -538,6 +538,20 @@ def chunk_buffers(buffers: Sequence[memoryview], limit: int) -> Iterator[list[me
         yield chunk
 
 
+@attrs.define
+class BackendCounters:
+    """What a bridge asked of its backend, for metrics."""
+
+    submits: int = 0  # calls of the library's submit functions, resubmits included
+    eagain_resubmits: int = 0  # submits made again because the library said -EAGAIN
+    retries: int = 0  # times failed submits were made again after a transient completion status
+
+    def add(self, other: BackendCounters) -> None:
+        self.submits += other.submits
+        self.eagain_resubmits += other.eagain_resubmits
+        self.retries += other.retries
+
+
 class VolumeBridge:
     """NBD-shaped operations on a backend volume, for trio tasks.
 
@@ -556,6 +570,7 @@ class VolumeBridge:
         # nothing: writes and flushes fail until the volume is opened again.
         self._flush_failure: VolumeIOError | None = None
         self._closed = False
+        self.counters = BackendCounters()
 
     # -- submitting -------------------------------------------------------
 
@@ -569,6 +584,7 @@ class VolumeBridge:
             if trio.current_time() >= deadline or not all(map(self.retryable, failures.values())):
                 raise VolumeIOError(status)
             log.debug("retrying %d of %d submits after status %#x", len(failures), len(submits), status)
+            self.counters.retries += 1
             with trio.CancelScope(shield=True):  # a retried write must finish, as any other
                 await trio.sleep(delay)
             delay = min(2 * delay, RETRY_MAX_DELAY)
@@ -580,11 +596,15 @@ class VolumeBridge:
         counts as failed with that status, as does every submit after it, never made."""
         batch = _Batch()
         indices = list(indices)
+        counters = self.counters
         # The library owns our buffers until every callback: never abandon a batch.
         with trio.CancelScope(shield=True):
             for position, index in enumerate(indices):
                 delay = EAGAIN_FIRST_DELAY
+                counters.submits += 1
                 while (status := submits[index](self._inbox.callback, (batch, index))) == -errno.EAGAIN:
+                    counters.submits += 1
+                    counters.eagain_resubmits += 1
                     await trio.sleep(delay)
                     delay = min(2 * delay, EAGAIN_MAX_DELAY)
                 if status:
@@ -633,9 +653,12 @@ class VolumeBridge:
         if is_write and not self._mutations.try_share(completion, offset, offset + length):
             return False
         for index, piece in enumerate(pieces):
+            self.counters.submits += 1
             status = self.backend.iov_submit(
                 [piece], len(piece), offset + index * PF_MAX_IO_SIZE, self._inbox.callback, (completion, 0), is_write)
             if status:
+                if status == -errno.EAGAIN:  # made again by `read`/`write`, or after on_done
+                    self.counters.eagain_resubmits += 1
                 if not index:
                     if is_write:
                         self._mutations.unshare(completion)

@@ -3,6 +3,7 @@ pfnbd, and its query API returns counters equal to what the clients did."""
 
 from __future__ import annotations
 
+import collections
 import json
 import socket
 import subprocess
@@ -12,11 +13,13 @@ import urllib.request
 
 import pytest
 
-from conftest import SYSTEM_PYTHON, require
-from test_control import WRITES_IN_FLIGHT
+from conftest import SYSTEM_PYTHON, require, run, run_libnbd
+from test_control import WRITES_IN_FLIGHT, add_export, controlled, execute  # noqa: F401 (a fixture)
 from test_libnbd_clients import LIBNBD_HELPERS
 from test_cli import free_loopback_port, hold_connection
 from test_qemu_clients import qemu_io
+
+from pfnbd.counters import ANSWERED_COMMANDS, COMMAND_NAMES
 
 KiB = 1 << 10
 SCRAPE_TIMEOUT = 60  # seconds for Prometheus to start and scrape what we expect
@@ -59,6 +62,12 @@ def prometheus(tmp_path):
         process.wait(timeout=30)
 
 
+def per_command(export: str, counts: dict[str, int]) -> dict[tuple, float]:
+    """What `pfnbd_requests_total` shows for an export: every command, 0 where none."""
+    return {(("command", COMMAND_NAMES[slot]), ("export", export)): counts.get(COMMAND_NAMES[slot], 0)
+            for slot in ANSWERED_COMMANDS}
+
+
 def wait_for_values(query, expression: str, expected: dict[tuple, float]) -> None:
     deadline = time.monotonic() + SCRAPE_TIMEOUT
     while (got := query(expression)) != expected:
@@ -81,10 +90,12 @@ def test_prometheus_scrapes_counters_equal_to_what_clients_did(start_server, pro
     test_v1, idle = (("export", "test_v1"),), (("export", "idle"),)
     wait_for_values(query, "pfnbd_bytes_written_total", {test_v1: written, idle: 0})
     wait_for_values(query, "pfnbd_bytes_read_total", {test_v1: read, idle: 0})
-    # Every request but the disconnect, which gets no reply.
-    answered = [r for r in sent if r.command != "disconnect"]
-    wait_for_values(query, "pfnbd_requests_total", {test_v1: len(answered), idle: 0})
-    wait_for_values(query, "pfnbd_request_errors_total", {test_v1: 0, idle: 0})
+    # Every request but the disconnect, which gets no reply (qemu-io flushes at exit too).
+    answered = collections.Counter(r.command.replace(" ", "_") for r in sent if r.command != "disconnect")
+    assert set(answered) == {"read", "write", "flush"}, answered
+    wait_for_values(query, "pfnbd_requests_total", per_command("test_v1", answered) | per_command("idle", {}))
+    wait_for_values(query, "sum by (export) (pfnbd_requests_total)", {test_v1: answered.total(), idle: 0})
+    wait_for_values(query, "pfnbd_request_errors_total", {})
     wait_for_values(query, "pfnbd_connections_accepted_total", {(): 2})
 
     client = hold_connection(server.uri("idle"))
@@ -125,3 +136,121 @@ def test_metrics_mistakes_get_one_line(cli, tmp_path):
             lines = result.stderr.strip().splitlines()
             assert result.returncode == 1 and len(lines) == 1 and words in lines[0], result.stderr
             assert not (tmp_path / "nbd.sock").exists()
+
+
+EVERY_COMMAND = r'''
+uri, read_only_uri = sys.argv[1:3]
+h = connect(uri, strict=False)  # the requests past the end reach the server
+size = h.get_size()
+for i in range(3):
+    h.pwrite(pattern(i, 4096), i * 4096)
+h.pread(4096, 0)
+h.pread(8192, 0)
+h.flush()
+h.trim(4096, 0)
+h.zero(4096, 8192)
+h.cache(4096, 0)
+extents(h, 4096, 0)
+expect_errno("EINVAL", h.pread, 4096, size)
+expect_errno("ENOSPC", h.pwrite, b"x" * 4096, size)
+h.shutdown()
+r = connect(read_only_uri, strict=False)  # the writes reach the server
+expect_errno("EPERM", r.pwrite, b"x" * 4096, 0)
+expect_errno("EPERM", r.trim, 4096, 0)
+r.pread(4096, 0)
+r.shutdown()
+'''
+
+
+def test_prometheus_counts_every_command_its_errors_and_durations(controlled, prometheus, tmp_path):
+    metrics_port = free_loopback_port()
+    # Every completion takes 0.3 s: a request served shows in the duration buckets
+    # above 0.25 s, one refused before it reaches the volume in those below.
+    server, control = controlled({"test_v1": "16M", "ro": "16M"}, "--metrics", f"127.0.0.1:{metrics_port}",
+                                 "--inject-delay", "0.3", exports=["test_v1"])
+    execute(control, "block-export-add", add_export("ro", "ro"))  # read-only: QMP's default
+    query = prometheus(f"127.0.0.1:{metrics_port}")
+    run_libnbd(LIBNBD_HELPERS + EVERY_COMMAND, server.uri(), server.uri("ro"))
+    # A handshake that fails (not NBD), and one that ends with NBD_OPT_ABORT (a LIST), which does not.
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(str(server.socket))
+        raw.recv(18)  # the server's greeting
+        raw.sendall(b"\0" * 4 + b"not NBD, not an option at all")
+        raw.recv(1)  # the server drops it
+    run("nbdinfo", "--list", f"nbd+unix://?socket={server.socket}")
+
+    sent = {"test_v1": {"read": 3, "write": 4, "flush": 1, "trim": 1, "write_zeroes": 1, "cache": 1,
+                        "block_status": 1},
+            "ro": {"read": 1, "write": 1, "trim": 1}}
+    wait_for_values(query, "pfnbd_requests_total", per_command("test_v1", sent["test_v1"])
+                    | per_command("ro", sent["ro"]))
+    wait_for_values(query, "pfnbd_request_errors_total", {
+        (("command", "read"), ("error", "EINVAL"), ("export", "test_v1")): 1,
+        (("command", "write"), ("error", "ENOSPC"), ("export", "test_v1")): 1,
+        (("command", "write"), ("error", "EPERM"), ("export", "ro")): 1,
+        (("command", "trim"), ("error", "EPERM"), ("export", "ro")): 1,
+    })
+    # A histogram for each command seen, counting each of its requests.
+    counts = {(("command", command), ("export", export)): count
+              for export, commands in sent.items() for command, count in commands.items()}
+    wait_for_values(query, "pfnbd_request_duration_seconds_count", counts)
+    wait_for_values(query, 'pfnbd_request_duration_seconds_bucket{le="+Inf"}',
+                    {(*labels, ("le", "+Inf")): count for labels, count in counts.items()})
+    # Served reads and writes took the 0.3 s; only the refused ones are faster than 0.25 s.
+    wait_for_values(query, 'pfnbd_request_duration_seconds_bucket{command=~"read|write", le="0.25"}', {
+        (("command", "read"), ("export", "test_v1"), ("le", "0.25")): 1,
+        (("command", "write"), ("export", "test_v1"), ("le", "0.25")): 1,
+        (("command", "read"), ("export", "ro"), ("le", "0.25")): 0,
+        (("command", "write"), ("export", "ro"), ("le", "0.25")): 1,
+    })
+    sums = query('pfnbd_request_duration_seconds_sum{command="write", export="test_v1"}')
+    assert 3 * 0.3 <= sum(sums.values()) < 60, sums
+    wait_for_values(query, "pfnbd_connections_accepted_total", {(): 4})
+    wait_for_values(query, "pfnbd_handshakes_failed_total", {(): 1})
+    wait_for_values(query, "pfnbd_connections_refused_total", {(): 0})
+    # One submit per request that reached the volume: each is under 128 KiB.  The
+    # zeroing and the trim release space (a discard submit); the refused ones submit nothing.
+    wait_for_values(query, "pfnbd_backend_submits_total", {(("export", "test_v1"),): 3 + 2 + 1 + 1 + 1,
+                                                           (("export", "ro"),): 1})
+    wait_for_values(query, "pfnbd_backend_eagain_resubmits_total", {(("export", "test_v1"),): 0,
+                                                                    (("export", "ro"),): 0})
+    wait_for_values(query, "pfnbd_backend_retries_total", {(("export", "test_v1"),): 0, (("export", "ro"),): 0})
+
+
+CONCURRENT_WRITES = r'''
+h = connect(sys.argv[1])
+count = int(sys.argv[2])
+cookies = [h.aio_pwrite(pattern(i, 4096), i * 4096) for i in range(count)]
+while h.aio_in_flight():
+    h.poll(-1)
+for cookie in cookies:
+    h.aio_command_completed(cookie)  # raises if the write failed
+for i in range(count):
+    assert h.pread(4096, i * 4096) == pattern(i, 4096), i
+print(json.dumps({"written": count}))
+'''
+
+
+def test_prometheus_counts_the_backends_resubmits_and_retries(start_server, prometheus):
+    metrics_port = free_loopback_port()
+    # Two submits in flight at most (-EAGAIN for the rest), and a third of the
+    # completions lost connection (0xC3, which the bridge retries).
+    server = start_server({"test_v1": "16M"}, "--metrics", f"127.0.0.1:{metrics_port}", "--io-depth", "1",
+                          "--inject-error-rate", "0.3", "--inject-status", "0xC3")
+    query = prometheus(f"127.0.0.1:{metrics_port}")
+    count = 32
+    assert json.loads(run_libnbd(LIBNBD_HELPERS + CONCURRENT_WRITES, server.uri(), str(count))) == {
+        "written": count}
+    test_v1 = (("export", "test_v1"),)
+    wait_for_values(query, "pfnbd_request_errors_total", {})
+    wait_for_values(query, "sum(pfnbd_requests_total)", {(): 2 * count})
+    deadline = time.monotonic() + SCRAPE_TIMEOUT
+    while not query("pfnbd_backend_retries_total > 0"):
+        assert time.monotonic() < deadline, query("pfnbd_backend_retries_total")
+        time.sleep(0.5)
+    eagain = query("pfnbd_backend_eagain_resubmits_total")[test_v1]
+    retries = query("pfnbd_backend_retries_total")[test_v1]
+    submits = query("pfnbd_backend_submits_total")[test_v1]
+    assert eagain > 0, "32 writes at once on io_depth 1 met no -EAGAIN"
+    # Each request submitted once, each -EAGAIN and each retry at least once more.
+    assert submits >= 2 * count + eagain + retries, (submits, eagain, retries)

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import SYSTEM_PYTHON, require
+from conftest import SYSTEM_PYTHON, require, run_libnbd
 from test_control import controlled, execute  # noqa: F401 (fixture)
 from test_libnbd_clients import LIBNBD_HELPERS
 
@@ -202,3 +202,49 @@ def test_connections_take_turns_and_a_lifted_limit_frees_the_waiting():
 def test_limits_refuse_what_qemu_refuses(values, words):
     with pytest.raises(ThrottleError, match=words):
         Limits(values)
+
+
+# Times `count` requests of each kind, one after another on one connection, and
+# prints {kind: seconds}.
+TIME_EACH_COMMAND = r'''
+h = connect(sys.argv[1])
+count, size = int(sys.argv[2]), int(sys.argv[3])
+kinds = {
+    "flush": lambda i: h.flush(),
+    "trim": lambda i: h.trim(size, i * size),
+    "block_status": lambda i: extents(h, size, i * size),
+    "write_zeroes": lambda i: h.zero(size, i * size),
+    "cache": lambda i: h.cache(size, i * size),
+}
+seconds = {}
+for kind, request in kinds.items():
+    start = time.monotonic()
+    for i in range(count):
+        request(i)
+    seconds[kind] = time.monotonic() - start
+    time.sleep(1)  # the bucket fills up again before the next kind
+print(json.dumps(seconds))
+'''
+
+
+def admission_seconds(count: int, cost: float, rate: float) -> float:
+    """How long `count` requests of `cost` each wait, one after another, for a limit
+    of `rate` whose bucket starts full (QEMU's default burst, rate / 10): the first
+    goes at once, the others once the bucket is out of debt."""
+    return ((count - 1) * cost - rate / 10) / rate
+
+
+@pytest.mark.parametrize("limit, count, size", [("iops=10", 30, 4096), ("bps=4194304", 9, MiB)])
+def test_limits_count_what_qemu_counts_of_each_command(controlled, limit, count, size):
+    """As QEMU's block layer (its throttle intercepts reads and writes of data only):
+    a WRITE_ZEROES is a write and a CACHE a read of their whole length, for iops and
+    bps limits; a FLUSH, a TRIM and a BLOCK_STATUS are not throttled at all."""
+    server, control = controlled({"test_v1": "64M"}, "--throttle", f"test_v1:{limit}")
+    seconds = json.loads(run_libnbd(LIBNBD_HELPERS + "import time\n" + TIME_EACH_COMMAND, server.uri(),
+                                    str(count), str(size)))
+    name, value = limit.split("=")
+    expected = admission_seconds(count, size if name == "bps" else 1, int(value))
+    for kind in ("write_zeroes", "cache"):
+        assert 0.9 * expected <= seconds[kind] <= 1.25 * expected + 0.3, (kind, seconds, expected)
+    for kind in ("flush", "trim", "block_status"):
+        assert seconds[kind] < expected / 3, (kind, seconds, expected)
