@@ -54,17 +54,22 @@ class Expected:
     sparse: bool  # allocation reports never-written space as a hole (False: all data)
     head_contexts: tuple[str, ...]  # NBD meta contexts of a head that has snapshot snap1
     snapshot_contexts: tuple[str, ...]  # ... and of snap1
+    # A callback held up holds the library's thread, so no request of its pool comes
+    # back.  False for the real binding: the library's handler only queues the
+    # completion in pfnbd's C ring and returns, and the library reuses the request
+    # while the callback waits on pfnbd's completion thread.
+    held_callback_holds_pool: bool
 
 
 EXPECTED = {
     "emulated": Expected(
         can_discard=True, sparse=True,
         head_contexts=("base:allocation", "qemu:dirty-bitmap:snap1"),
-        snapshot_contexts=("base:allocation", "qemu:allocation-depth")),
+        snapshot_contexts=("base:allocation", "qemu:allocation-depth"), held_callback_holds_pool=True),
     # The client API cannot tell what was written, what changed since a snapshot, nor
     # where a snapshot's data lies: all allocated, base:allocation only.
     "pureflash": Expected(can_discard=False, sparse=False, head_contexts=("base:allocation",),
-                          snapshot_contexts=("base:allocation",)),
+                          snapshot_contexts=("base:allocation",), held_callback_holds_pool=False),
 }
 
 
@@ -209,13 +214,14 @@ def test_every_size_up_to_128k_round_trips(backend):
 
 
 def test_pool_is_twice_io_depth_then_eagain(backend):
-    """With completions held up in their callback, the pool of 2 * io_depth fills and
-    the next submit gets -EAGAIN at once."""
+    """The pool of 2 * io_depth takes that many submits at once, and a full pool answers
+    -EAGAIN.  Where a callback held up holds the pool (`EXPECTED`), it fills and stays
+    full."""
     volume = backend.open(backend.make_volume(MiB), io_depth=4)
     done = Completions()
     release = threading.Event()
 
-    def held(tag: object, status: int) -> None:  # the library's thread waits here
+    def held(tag: object, status: int) -> None:  # the thread that calls back waits here
         release.wait(STEP_TIMEOUT)
         done.callback(tag, status)
 
@@ -227,10 +233,12 @@ def test_pool_is_twice_io_depth_then_eagain(backend):
         release.set()
     try:
         accepted = statuses.count(0)
-        # The callbacks of one batch may have freed their requests before the first
-        # blocked, so up to twice the pool may go in, never more.
-        assert statuses[:8] == [0] * 8 and 8 <= accepted <= 16, statuses
-        assert set(statuses[8:]) <= {0, -errno.EAGAIN}
+        assert statuses[:8] == [0] * 8, statuses
+        assert set(statuses[8:]) <= {0, -errno.EAGAIN}, statuses
+        if EXPECTED[backend.id].held_callback_holds_pool:
+            # The callbacks of one batch may have freed their requests before the first
+            # blocked, so up to twice the pool may go in, never more.
+            assert accepted <= 16, statuses
         assert set(done.wait(accepted).values()) == {0}
     finally:
         volume.close()
