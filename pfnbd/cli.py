@@ -537,8 +537,9 @@ async def _serve(
 ) -> None:
     shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
-    # may already ask us to stop.
+    # may already ask us to stop, or for statistics (SIGUSR1's default is to exit).
     _shut_down_on_signals(shutdown)
+    stats = _StatsOnSignal()
     listeners = await listen.open()  # before the exports: a socket in use fails at once
     control_listener = metrics_server = None
     try:
@@ -548,7 +549,7 @@ async def _serve(
             server = Server(exports, policy)
             for export in exports:
                 export.throttle.set((limits or {}).get(export.info.name, Limits()))
-            _on_signals([signal.SIGUSR1], lambda signum: _log_lines(server.stats()))
+            stats.serving(server)
             if metrics_address is not None:
                 try:
                     metrics_server = serve_metrics(server, *metrics_address)
@@ -663,6 +664,27 @@ def _shut_down_on_signals(shutdown: trio.Event) -> None:
             shutdown.set()
 
     _on_signals([signal.SIGTERM, signal.SIGINT], begin)
+
+
+class _StatsOnSignal:
+    """SIGUSR1 logs the server's `stats` lines; asked for while the exports are still
+    opening, they are logged as soon as the server exists."""
+
+    def __init__(self) -> None:
+        self._server: Server | None = None
+        self._asked = False
+        _on_signals([signal.SIGUSR1], self._log)
+
+    def serving(self, server: Server) -> None:
+        self._server = server
+        if self._asked:
+            self._log(signal.SIGUSR1)
+
+    def _log(self, signum: int) -> None:
+        if self._server is None:
+            self._asked = True
+        else:
+            _log_lines(self._server.stats())
 
 
 def _on_signals(signums: list[int], action: Callable[[int], None]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from conftest import Cli, pfnbd_command, require, run
+from conftest import Cli, ServeProcess, listening, pfnbd_command, require, run
 from test_cli import free_loopback_port, hold_connection
 from test_tls import connection_lines, launch, log_lines, nbdinfo, pki  # noqa: F401 (fixtures)
 
@@ -348,6 +348,35 @@ def test_sigusr1_logs_per_export_stats_counting_live_connections(start_server, h
     assert code == 0 and at_exit[0] == ended
     assert at_exit[1]["connections"] == 1 and at_exit[1]["active"] == 0  # closed by the shutdown
 
+
+
+def test_sigusr1_as_soon_as_the_socket_listens_is_answered_not_fatal(cli, tmp_path):
+    """The socket listens before the exports are open (a socket in use fails at once);
+    a SIGUSR1 sent in that window once killed the server, SIGUSR1's default action (seen
+    as a restart test's lost `stats` lines). Eight exports widen the window."""
+    names = [f"v{i}" for i in range(8)]
+    for name in names:
+        cli.run("volume", "create", name, "--size", "1M")
+    path = tmp_path / "nbd.sock"
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            pfnbd_command("serve", "--socket", str(path), *(a for name in names for a in ("--volume", name))),
+            env=cli.env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    server = ServeProcess(process=process, log_path=log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not listening(path):  # no sleep: the window is milliseconds
+            assert process.poll() is None and time.monotonic() < deadline, server.log()
+        os.kill(process.pid, signal.SIGUSR1)
+        wait_for(lambda: len(log_lines(server, "stats")) == 1 + len(names) or process.poll() is not None,
+                 "the stats lines")
+        alive = process.poll() is None
+    finally:
+        code = server.stop()
+
+    assert alive and code == 0, f"exited {process.returncode}:\n{server.log()}"
+    assert stats_line(server, "v7")["connections"] == 0
 
 # --- examples/ --------------------------------------------------------------------------------
 
