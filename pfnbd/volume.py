@@ -274,22 +274,28 @@ class EmulatedVolume:
         # trips would.
         delayed: list[tuple[float, int, _Io, int]] = []
         sequence = itertools.count()
-        closing = False
-        while not closing:
-            timeout = max(0.0, delayed[0][0] - time.monotonic()) if delayed else None
-            taken = self._take_queued(timeout)  # never wait while holding the batch
-            closing = None in taken  # the last: nothing is submitted after it
-            finished = self._execute_batch([io for io in taken if io is not None])
-            if self._faults.delay:
-                due = time.monotonic() + self._faults.delay
-                for io, status in finished:
-                    heapq.heappush(delayed, (due, next(sequence), io, status))
-                finished = []
-            now = time.monotonic()
-            while delayed and (closing or delayed[0][0] <= now):
-                _, _, io, status = heapq.heappop(delayed)
-                finished.append((io, status))
-            self._complete(finished)
+        while self._run_batch(delayed, sequence):
+            pass
+
+    def _run_batch(self, delayed: list[tuple[float, int, _Io, int]], sequence: Iterator[int]) -> bool:
+        """One batch; False once the volume is closing.  A method of its own so that
+        nothing of a completed batch (its I/Os' buffers, which are the submitter's
+        again) stays referenced while the next one is awaited."""
+        timeout = max(0.0, delayed[0][0] - time.monotonic()) if delayed else None
+        taken = self._take_queued(timeout)  # never wait while holding the batch
+        closing = None in taken  # the last: nothing is submitted after it
+        finished = self._execute_batch([io for io in taken if io is not None])
+        if self._faults.delay:
+            due = time.monotonic() + self._faults.delay
+            for io, status in finished:
+                heapq.heappush(delayed, (due, next(sequence), io, status))
+            finished = []
+        now = time.monotonic()
+        while delayed and (closing or delayed[0][0] <= now):
+            _, _, io, status = heapq.heappop(delayed)
+            finished.append((io, status))
+        self._complete(finished)
+        return not closing
 
     def _take_queued(self, timeout: float | None) -> list[_Io | None]:
         """Everything queued, waiting up to `timeout` for the first; [] if none came."""

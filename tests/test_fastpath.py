@@ -62,7 +62,8 @@ def peak_rss_mib(pid: int) -> float:
 
 def test_sixteen_connections_of_32_mib_requests_stay_within_the_memory_bound(start_server):
     # 64 requests of 32 MiB in flight would be 2 GiB of buffers: each connection holds
-    # at most 32 MiB of them, the emulated library ~30 MiB of write copies.
+    # one of them at a time (more than its pool, so alone), the emulated library ~30 MiB
+    # of write copies.
     server = start_server({"test_v1": "512M"})
     out = run_libnbd(SIXTEEN_CONNECTIONS, server.uri(), timeout=240)
     peak = peak_rss_mib(server.process.pid)
@@ -171,3 +172,25 @@ def test_buffer_pool_holds_at_most_its_capacity_kept_buffers_included():
         return len(big[1]), kept, granted, counted
 
     assert trio.run(main) == (512 * 1024, 512 * 1024, False, (512 * 1024, None))
+
+
+def test_buffer_pool_takes_a_request_bigger_than_itself_alone_and_keeps_none_of_it():
+    async def main():
+        pool = BufferPool(1 * MiB)
+        small = await pool.acquire(4096)
+        granted = []
+
+        async def big():
+            granted.append(await pool.acquire(3 * MiB))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(big)
+            await trio.testing.wait_all_tasks_blocked()
+            waited = not granted  # a small request is in flight: the big one waits
+            pool.release(small)
+        counted, buffer = granted[0]
+        full = not pool.fits(512)  # the big one fills the pool while it is held
+        pool.release(granted[0])
+        return waited, counted, len(buffer), full, pool.in_use, pool.kept_bytes
+
+    assert trio.run(main) == (True, 1 * MiB, 3 * MiB, True, 0, 0)
