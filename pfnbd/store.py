@@ -29,6 +29,7 @@ import errno
 import fcntl
 import itertools
 import json
+import logging
 import os
 import re
 import threading
@@ -39,11 +40,16 @@ from typing import TypeVar
 
 import attrs
 
+from .aio import AioContext, Transfer
+
+log = logging.getLogger(__name__)
+
 SECTOR = 512
 CHUNK = 64 * 1024  # copy-before-write granularity
 # How long a busy head keeps the snapshot barrier across batches of writes: one
 # flock pair per batch cost more than the batch's small writes.
 BARRIER_HOLD_LIMIT = 0.005
+AIO_CAPACITY = 128  # transfers per io_submit; a bigger batch takes several
 MAX_NAME_LENGTH = 96  # PureFlash's limit on volume names
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 SUFFIX_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
@@ -570,6 +576,8 @@ class _Image:
         self._own = os.open(path, os.O_RDONLY)
         fcntl.flock(self._own, fcntl.LOCK_SH)  # `delete` refuses a served image
         self._meta = _MetaWatch(store._meta_path(meta.name))
+        self._aio: AioContext | None = None  # made by the first `transfers`, on its thread
+        self._aio_tried = False
 
     def batch(self) -> contextlib.AbstractContextManager:
         """Several I/Os as one for the barrier; only a writable head needs it."""
@@ -584,6 +592,36 @@ class _Image:
     def writev(self, buffers: Sequence[bytes | memoryview], offset: int) -> None:
         raise OSError(errno.EROFS, f"{self.name} is open read-only")
 
+    def transfers(self, transfers: Sequence[Transfer]) -> list[int]:
+        """Reads and writes of one buffer each, in order: each one's byte count (a read
+        reaching past the end of the file is short, a write is whole), or -errno.
+
+        The head's bytes are the file's, so the batch goes to the kernel in one
+        system call (pfnbd/aio.py) where it has native AIO, else one call each.
+        Threads: the one thread that runs a volume's batches."""
+        aio = self._batcher()
+        if aio is None or any(is_write for is_write, _, _ in transfers):
+            return [self._transfer(*transfer) for transfer in transfers]
+        return aio.run(self._head, transfers)
+
+    def _transfer(self, is_write: bool, buffer: memoryview, offset: int) -> int:
+        try:
+            if is_write:
+                self.writev([buffer], offset)
+                return len(buffer)
+            return self.readv([buffer], offset)
+        except OSError as error:
+            return -(error.errno or errno.EIO)
+
+    def _batcher(self) -> AioContext | None:
+        if not self._aio_tried:
+            self._aio_tried = True
+            try:
+                self._aio = AioContext(AIO_CAPACITY)
+            except OSError as error:  # seccomp, aio-max-nr reached, another CPU family
+                log.warning("%s: no native AIO (%s): one system call per I/O", self.name, error)
+        return self._aio
+
     def punch_hole(self, offset: int, length: int) -> None:
         raise OSError(errno.EROFS, f"{self.name} is open read-only")
 
@@ -594,6 +632,8 @@ class _Image:
         pass  # nothing to make durable: nothing is written through a read-only image
 
     def close(self) -> None:
+        if self._aio is not None:
+            self._aio.close()
         self._meta.close()
         os.close(self._head)
         os.close(self._own)
@@ -722,6 +762,35 @@ class HeadImage(_Image):
         finally:
             self._end_write()
 
+    def transfers(self, transfers: Sequence[Transfer]) -> list[int]:
+        """As `_Image.transfers`, the writes' copy-before-write done first, in order:
+        a write whose preserving fails fails alone, without reaching the head."""
+        aio = self._batcher()
+        if aio is None:
+            return super().transfers(transfers)
+        begun, results = [], [0] * len(transfers)
+        for index, (is_write, buffer, offset) in enumerate(transfers):
+            if is_write:
+                try:
+                    self._begin_write(offset, len(buffer))
+                except OSError as error:
+                    results[index] = -(error.errno or errno.EIO)
+                    continue
+            begun.append(index)
+        try:
+            done = aio.run(self._head, [transfers[index] for index in begun])
+            for index, result in zip(begun, done):
+                is_write, buffer, offset = transfers[index]
+                if is_write and 0 <= result < len(buffer):  # short, as `pwritev` may be
+                    rest = self._transfer(True, buffer[result:], offset + result)
+                    result = rest if rest < 0 else result + rest
+                results[index] = result
+        finally:
+            for index in begun:
+                if transfers[index][0]:
+                    self._end_write()
+        return results
+
     def punch_hole(self, offset: int, length: int) -> None:
         self._begin_write(offset, length)
         try:
@@ -770,6 +839,10 @@ class SnapshotImage(_Image):
         self._lock = threading.Lock()
         self._files: dict[str, _SnapshotFiles] = {}
         self._layers: list[_SnapshotFiles] = []
+
+    def transfers(self, transfers: Sequence[Transfer]) -> list[int]:
+        """One at a time: each read is resolved chunk by chunk across the layers."""
+        return [self._transfer(*transfer) for transfer in transfers]
 
     def _current_layers(self) -> list[_SnapshotFiles]:
         """This snapshot and every newer one, oldest first, as the metadata says now."""

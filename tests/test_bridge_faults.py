@@ -4,7 +4,8 @@ request, never a false OK, and the server, its other exports and the thread ever
 submitter waits on keep working.
 
 The host faults are real system calls failing: `tests/hostfaults/hostfaults.c`,
-preloaded into `pfnbd serve`, fails fdatasync, SEEK_DATA/SEEK_HOLE or reads with EIO
+preloaded into `pfnbd serve`, fails fdatasync, SEEK_DATA/SEEK_HOLE or reads (pread, or
+through native AIO) with EIO
 while a file of that name exists in the fault directory.
 """
 
@@ -160,7 +161,7 @@ def run_bridge(backend, body, timeout: float = STEP_TIMEOUT):
         backend.close()
 
 
-@pytest.mark.parametrize("failing", ["writev", "batch"])
+@pytest.mark.parametrize("failing", ["transfers", "batch"])
 def test_a_bug_on_the_library_thread_fails_those_ios_and_the_thread_goes_on(tmp_path, failing):
     """Any exception an I/O raises on `vol_proc` (not only OSError) completes it with
     EIO; the thread serves the next I/O, and closing the volume still returns."""

@@ -4,16 +4,22 @@
  * $PFNBD_HOST_FAULTS, so a test arms and clears it while the server runs:
  *   fdatasync  fdatasync(2) fails with EIO, as a disk whose write-back failed;
  *   seek       lseek(2) with SEEK_DATA or SEEK_HOLE fails with EIO;
- *   read       pread(2) and preadv2(2) fail with EIO, as an unreadable sector.
+ *   read       pread(2) and preadv2(2) fail with EIO, as an unreadable sector, and
+ *              so does a read submitted through io_submit(2) (native AIO, made
+ *              through syscall(3)): the reads of a batch are refused with EIO,
+ *              whatever precedes the first of them is submitted.
  * Everything else goes to the C library's own call.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
+#include <linux/aio_abi.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -75,4 +81,32 @@ ssize_t pread64(int fd, void *buffer, size_t count, off64_t offset)
         return -1;
     }
     return REAL(pread64)(fd, buffer, count, offset);
+}
+
+/* io_submit(2) takes every iocb up to the first read; a batch that starts with one
+ * fails with EIO, as a read of a bad sector does (its caller then submits the rest
+ * one by one, and each read fails the same way). */
+long syscall(long number, ...)
+{
+    long arg[6];
+    va_list ap;
+
+    va_start(ap, number);
+    for (int i = 0; i < 6; i++)
+        arg[i] = va_arg(ap, long);
+    va_end(ap);
+    if (number == SYS_io_submit && armed("read")) {
+        struct iocb **iocbs = (struct iocb **)arg[2];
+        long before = 0;
+
+        while (before < arg[1] && iocbs[before]->aio_lio_opcode != IOCB_CMD_PREAD &&
+               iocbs[before]->aio_lio_opcode != IOCB_CMD_PREADV)
+            before++;
+        if (before == 0) {
+            errno = EIO;
+            return -1;
+        }
+        arg[1] = before;
+    }
+    return REAL(syscall)(number, arg[0], arg[1], arg[2], arg[3], arg[4], arg[5]);
 }
