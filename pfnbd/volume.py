@@ -181,9 +181,6 @@ class EmulatedVolume:
         self._pool_size = 2 * io_depth
         self._in_flight = 0
         self._closed = False
-        # The library's own copies of write data: one buffer per request of the pool,
-        # made when first needed and reused, as the real library's are.
-        self._data_buffers: list[bytearray] = []
         self._pool_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Io | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._vol_proc, name=f"vol_proc:{name}", daemon=True)
@@ -203,18 +200,16 @@ class EmulatedVolume:
             return -errno.EINVAL
         if is_write and self.read_only:
             return -errno.EROFS
-        data = self._take_slot(is_write)
-        if data is None:
+        if not self._take_slot():
             return -errno.EAGAIN
         if not is_write:  # reads land in `iov`
             self._queue.put(_Io("read", offset, length, iov, callback, cbk_arg))
             return 0
-        # Write data is the library's own copy from here on.
-        position = 0
-        for piece in iov:
-            data[position : position + len(piece)] = piece
-            position += len(piece)
-        self._queue.put(_Io("write", offset, length, data[:length], callback, cbk_arg))
+        # Write data is the library's own copy from here on, as the real library's is
+        # (its buffers are 128 KiB each; these are the write's size, so that 4 KiB
+        # writes do not hold 128 KiB each).
+        data = memoryview(bytearray().join(iov))[:length]
+        self._queue.put(_Io("write", offset, length, data, callback, cbk_arg))
         return 0
 
     def discard_submit(self, offset: int, length: int, callback: IoHandler, cbk_arg: object) -> int:
@@ -224,21 +219,18 @@ class EmulatedVolume:
             return -errno.EINVAL
         if self.read_only:
             return -errno.EROFS
-        if self._take_slot(write=False) is None:
+        if not self._take_slot():
             return -errno.EAGAIN
         self._queue.put(_Io("discard", offset, length, NO_DATA, callback, cbk_arg))
         return 0
 
-    def _take_slot(self, write: bool) -> memoryview | None:
-        """One request of the pool, with its data buffer for a write (empty for
-        anything else); None when every request is taken."""
+    def _take_slot(self) -> bool:
+        """One request of the pool; False when every request is taken."""
         with self._pool_lock:
             if self._in_flight >= self._pool_size:
-                return None
+                return False
             self._in_flight += 1
-            if not write:
-                return NO_DATA
-            return memoryview(self._data_buffers.pop() if self._data_buffers else bytearray(PF_MAX_IO_SIZE))
+            return True
 
     def allocation(self, offset: int, length: int) -> Iterator[Extent]:
         return self._image.extents(offset, length)
@@ -348,7 +340,6 @@ class EmulatedVolume:
     def _complete(self, finished: list[tuple[_Io, int]]) -> None:
         with self._pool_lock:
             self._in_flight -= len(finished)
-            self._data_buffers.extend(io.buffers.obj for io, _ in finished if io.kind == "write")
         for io, status in finished:
             try:
                 io.callback(io.cbk_arg, status)
