@@ -107,14 +107,6 @@ def _backend_metrics(exports: list[ExportStats]) -> Iterator[Metric]:
     yield from families.values()
 
 
-def parse_address(text: str, default_host: str) -> tuple[str, int]:
-    """`[ADDR:]PORT` -> (host, port); ValueError for anything else."""
-    host, colon, port = text.rpartition(":")
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"invalid --metrics {text!r}: give [ADDR:]PORT")
-    return (host.strip("[]") if colon else default_host) or default_host, int(port)
-
-
 def serve_metrics(server: Server, host: str, port: int):
     """Starts the HTTP server in its own thread; returns it (`shutdown()` stops it)."""
     registry = CollectorRegistry()
