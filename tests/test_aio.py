@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -100,3 +102,25 @@ def test_a_read_past_the_end_of_the_file_is_short_and_a_read_only_head_refuses_w
         assert results == [4096, -errno.EROFS]
     finally:
         head.close()
+
+
+# Run in a process of its own: the limit and SIGXFSZ's disposition are per process.
+FILE_SIZE_LIMIT = r"""
+import errno, os, resource, signal, sys
+from pfnbd.aio import AioContext
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+aio = AioContext(8)
+data = memoryview(bytearray(b"z" * 8192))
+print(aio.run(fd, [(True, data, 61440), (True, data, 65536), (True, data, 0)]))
+"""
+
+
+def test_a_write_the_kernel_fails_after_submitting_it_reports_its_own_error(tmp_path):
+    """Past a file size limit a write is cut short, or fails with EFBIG once carried out:
+    errors that come back as the event's result, not from io_submit."""
+    result = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path / "file")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == str([4096, -errno.EFBIG, 8192])
