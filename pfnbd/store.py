@@ -781,9 +781,12 @@ class HeadImage(_Image):
             done = aio.run(self._head, [transfers[index] for index in begun])
             for index, result in zip(begun, done):
                 is_write, buffer, offset = transfers[index]
-                if is_write and 0 <= result < len(buffer):  # short, as `pwritev` may be
-                    rest = self._transfer(True, buffer[result:], offset + result)
-                    result = rest if rest < 0 else result + rest
+                if is_write and 0 <= result < len(buffer):  # short, as `pwritev` may be: begun already
+                    try:
+                        write_all(self._head, [buffer[result:]], offset + result)
+                        result = len(buffer)
+                    except OSError as error:
+                        result = -(error.errno or errno.EIO)
                 results[index] = result
         finally:
             for index in begun:
