@@ -330,6 +330,9 @@ chunk_payloads = {
 }
 
 offset_data_prefix = Struct("offset" / Int64ub)
+# An OFFSET_DATA chunk's header with the offset its payload starts with: the reply to
+# nearly every READ, packed in one go.
+offset_data_head = Struct(*chunk_header.subcons, *offset_data_prefix.subcons)
 
 # A whole structured reply chunk, header and payload: what a client parses.
 structured_chunk = Struct("header" / chunk_header, "payload" / Bytes(this.header.length))
@@ -356,3 +359,4 @@ simple_reply_layout = fixed_layout(simple_reply)
 chunk_header_layout = fixed_layout(chunk_header)
 extended_chunk_header_layout = fixed_layout(extended_chunk_header)
 offset_data_prefix_layout = fixed_layout(offset_data_prefix)
+offset_data_head_layout = fixed_layout(offset_data_head)

@@ -132,11 +132,13 @@ class Sender:
             return
         pending = list(buffers)
         while pending:
+            batch = pending[:IOV_MAX]
             try:
-                sent = await self._socket.sendmsg(pending[:IOV_MAX])
+                sent = await self._socket.sendmsg(batch)
             except OSError as error:
                 raise _stream_error(error) from error
-            pending = _drop_sent(pending, sent)
+            # Mostly all of it went: then nothing needs walking through.
+            pending = pending[IOV_MAX:] if sent == sum(map(len, batch)) else _drop_sent(pending, sent)
 
 
 def _drop_sent(buffers: list[Buffer], sent: int) -> list[Buffer]:

@@ -208,7 +208,7 @@ class EmulatedVolume:
         # Write data is the library's own copy from here on, as the real library's is
         # (its buffers are 128 KiB each; these are the write's size, so that 4 KiB
         # writes do not hold 128 KiB each).
-        data = memoryview(bytearray().join(iov))[:length]
+        data = memoryview(bytearray(iov[0]) if len(iov) == 1 else bytearray().join(iov))[:length]
         self._queue.put(_Io("write", offset, length, data, callback, cbk_arg))
         return 0
 
@@ -352,7 +352,7 @@ class EmulatedVolume:
         return 0
 
     def _transfer_run(self, run: list[_Io]) -> list[int]:
-        statuses = [self._injected_fault() for _ in run]
+        statuses = [self._injected_fault() for _ in run] if self._faults.error_rate else [0] * len(run)
         chosen = [io for io, status in zip(run, statuses) if not status]
         if not chosen:
             return statuses
@@ -608,6 +608,7 @@ class VolumeBridge:
         self.retry_time_limit = retry_time_limit
         self.size = backend.size
         self._inbox = _CompletionInbox(trio.lowlevel.current_trio_token())
+        self._on_completion = self._inbox.callback  # the callback every submit passes
         self._mutations = RangeLock()
         # Set once a flush fails.  The kernel may have dropped the dirty pages of the
         # writes that flush covered, so a later flush that succeeds would prove
@@ -646,7 +647,7 @@ class VolumeBridge:
             for position, index in enumerate(indices):
                 delay = EAGAIN_FIRST_DELAY
                 counters.submits += 1
-                while (status := submits[index](self._inbox.callback, (batch, index))) == -errno.EAGAIN:
+                while (status := submits[index](self._on_completion, (batch, index))) == -errno.EAGAIN:
                     counters.submits += 1
                     counters.eagain_resubmits += 1
                     await trio.sleep(delay)
@@ -699,7 +700,7 @@ class VolumeBridge:
         for index, piece in enumerate(pieces):
             self.counters.submits += 1
             status = self.backend.iov_submit(
-                [piece], len(piece), offset + index * PF_MAX_IO_SIZE, self._inbox.callback, (completion, 0), is_write)
+                [piece], len(piece), offset + index * PF_MAX_IO_SIZE, self._on_completion, (completion, 0), is_write)
             if status:
                 if status == -errno.EAGAIN:  # made again by `read`/`write`, or after on_done
                     self.counters.eagain_resubmits += 1

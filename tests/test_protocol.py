@@ -102,6 +102,8 @@ EXTENDED_CHUNK_HEADERS = st.fixed_dictionaries(
     (p.chunk_header, p.chunk_header_layout, SCHEMAS["chunk_header"][1]),
     (p.extended_chunk_header, p.extended_chunk_header_layout, EXTENDED_CHUNK_HEADERS),
     (p.offset_data_prefix, p.offset_data_prefix_layout, st.fixed_dictionaries({"offset": u64})),
+    (p.offset_data_head, p.offset_data_head_layout, st.fixed_dictionaries(
+        {"flags": u16, "type": u16, "cookie": u64, "length": u32, "offset": u64})),
 ], ids=lambda value: getattr(value, "format", None))
 def test_fixed_layouts_agree_with_their_schemas(schema, layout, values):
     """The struct forms the per-request path uses: same bytes built, same fields parsed."""
