@@ -74,8 +74,7 @@ DIRECT_COMMANDS = frozenset((READ, WRITE))  # candidates for the task-free path
 # What an export's I/O limits count, and as what (is it a write?).  As QEMU's block
 # layer: reads and writes of data, a CACHE as a read and a WRITE_ZEROES as a write
 # of their whole length; TRIM, FLUSH and BLOCK_STATUS are never throttled.
-THROTTLED = {int(p.Command.READ): False, int(p.Command.CACHE): False,
-             int(p.Command.WRITE): True, int(p.Command.WRITE_ZEROES): True}
+THROTTLED = {READ: False, CACHE: False, WRITE: True, WRITE_ZEROES: True}
 WITH_RANGE = frozenset(map(int, (p.Command.READ, p.Command.WRITE, p.Command.TRIM, p.Command.CACHE,
                                   p.Command.WRITE_ZEROES, p.Command.BLOCK_STATUS)))
 # Host errno -> NBD error; anything else is EIO.
@@ -93,6 +92,11 @@ class RequestError(Exception):
     def __init__(self, error: p.Errno, message: str) -> None:
         super().__init__(message)
         self.error = error
+
+
+# By `extended`: how a request header unpacks, and the magic it must start with.
+REQUEST_LAYOUTS = {False: (p.request_layout.unpack, p.REQUEST_MAGIC),
+                   True: (p.extended_request_layout.unpack, p.EXTENDED_REQUEST_MAGIC)}
 
 
 class Request(NamedTuple):  # not a frozen attrs class: one is made per request
@@ -118,10 +122,6 @@ class Request(NamedTuple):  # not a frozen attrs class: one is made per request
         except ValueError:
             return str(self.command)
 
-
-# By `extended`: how a request header unpacks, and the magic it must start with.
-REQUEST_LAYOUTS = {False: (p.request_layout.unpack, p.REQUEST_MAGIC),
-                   True: (p.extended_request_layout.unpack, p.EXTENDED_REQUEST_MAGIC)}
 
 
 class BufferPool:

@@ -608,7 +608,6 @@ class VolumeBridge:
         self.retry_time_limit = retry_time_limit
         self.size = backend.size
         self._inbox = _CompletionInbox(trio.lowlevel.current_trio_token())
-        self._on_completion = self._inbox.callback  # the callback every submit passes
         self._mutations = RangeLock()
         # Set once a flush fails.  The kernel may have dropped the dirty pages of the
         # writes that flush covered, so a later flush that succeeds would prove
@@ -647,7 +646,7 @@ class VolumeBridge:
             for position, index in enumerate(indices):
                 delay = EAGAIN_FIRST_DELAY
                 counters.submits += 1
-                while (status := submits[index](self._on_completion, (batch, index))) == -errno.EAGAIN:
+                while (status := submits[index](self._inbox.callback, (batch, index))) == -errno.EAGAIN:
                     counters.submits += 1
                     counters.eagain_resubmits += 1
                     await trio.sleep(delay)
@@ -700,7 +699,7 @@ class VolumeBridge:
         for index, piece in enumerate(pieces):
             self.counters.submits += 1
             status = self.backend.iov_submit(
-                [piece], len(piece), offset + index * PF_MAX_IO_SIZE, self._on_completion, (completion, 0), is_write)
+                [piece], len(piece), offset + index * PF_MAX_IO_SIZE, self._inbox.callback, (completion, 0), is_write)
             if status:
                 if status == -errno.EAGAIN:  # made again by `read`/`write`, or after on_done
                     self.counters.eagain_resubmits += 1
