@@ -23,6 +23,7 @@ from . import protocol as p
 from .control import ControlError, ExportControl, call, serve_control
 from .negotiation import TlsMode
 from .conductor import Conductor
+from .cpus import Placement
 from .pureflash import DEFAULT_CONF, LIBRARY_ENV, MIN_IO_DEADLINE, PureFlashClient
 from .server import (
     HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt,
@@ -561,6 +562,7 @@ async def _serve(
             async with ExportControl.open(server, exports, client, shutdown, read_only=read_only,
                                           retry_time_limit=retry_timeout) as export_control:
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(Placement().run, shutdown)
                     await nursery.start(server.run, listeners, shutdown)
                     if control_listener is not None:
                         await nursery.start(serve_control, control_listener, export_control, shutdown)

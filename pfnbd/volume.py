@@ -34,6 +34,7 @@ from typing import Protocol, TypeVar
 import attrs
 import trio
 
+from .cpus import current_cpu, follow
 from .store import Extent, HeadImage, ReadOnlyHead, SnapshotImage, Store, StoreError, split_snapshot_name
 
 log = logging.getLogger(__name__)
@@ -467,21 +468,25 @@ class _Callback:
 
 
 class _CompletionInbox:
-    """Carries callbacks from the library's thread into trio, a batch per wake-up."""
+    """Carries callbacks from the library's thread into trio, a batch per wake-up, and
+    keeps that thread on the trio thread's CPU (pfnbd/cpus.py says why)."""
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
         self._lock = threading.Lock()
         self._pending: deque[tuple[tuple[_Batch | _Callback, int], int]] = deque()
+        self._trio_cpu = current_cpu()  # written in trio, read by the library's thread
 
     def callback(self, cbk_arg: object, status: int) -> None:  # runs on the library's thread
         with self._lock:
             self._pending.append((cbk_arg, status))
             first = len(self._pending) == 1
         if first:
+            follow(self._trio_cpu)
             self._token.run_sync_soon(self._deliver)
 
     def _deliver(self) -> None:  # runs in trio
+        self._trio_cpu = current_cpu()
         with self._lock:
             pending, self._pending = self._pending, deque()
         for (batch, index), status in pending:

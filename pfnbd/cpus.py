@@ -1,0 +1,153 @@
+"""Where pfnbd's Python threads run: together on one CPU, moved when others crowd it.
+
+The trio thread and each volume's completion thread take turns with the GIL and never
+run Python at once, so a CPU each gains them nothing; but every hand-over of the GIL
+from one CPU to the other waits for that CPU to be woken, and under load the GIL
+changes hands several times per batch of I/O.  On a 2-CPU VM, the same server with its
+threads kept on one CPU served 4 KiB requests at QD32 at about 1.5x the rate, for about
+two thirds of the CPU time per request (benchmarks/README.md, "Where the time goes").
+Following the trio thread is not enough: the kernel wakes it on the idle CPU while the
+completion thread still runs, so the trio thread is placed too.
+
+`Placement` keeps the trio thread on one CPU of those the process may use, and moves
+it when other programs take most of that CPU while another has most of its time
+free; the completion threads follow it (`follow`, called by the bridge once a batch).
+A thread the trio thread starts inherits its one CPU: the real library's, which run
+no Python, are started with all of them (`all_cpus`).
+
+Owner: each thread sets its own affinity, and no other's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger(__name__)
+
+PERIOD = 1.0  # seconds between looks at how busy the CPUs are
+CROWDED = 0.5  # share of a period others must take of our CPU, and leave free of another, to move
+# The CPUs the process was started on (taskset, systemd's CPUAffinity=): read at import,
+# before anything here narrows the trio thread's.
+PROCESS_CPUS = frozenset(os.sched_getaffinity(0))
+
+# The calling thread's CPU (glibc reads it without a system call), asked with the GIL
+# held: letting it go and taking it back would cost more than the call.
+_sched_getcpu = getattr(ctypes.PyDLL(None), "sched_getcpu", None)
+_followed = threading.local()  # per thread: the CPU `follow` last moved it to
+
+
+def current_cpu() -> int:
+    """The calling thread's CPU, or -1 where that cannot be known."""
+    return _sched_getcpu() if _sched_getcpu is not None else -1
+
+
+def _pin(cpus: set[int]) -> bool:
+    """Keeps the calling thread on `cpus`; False (logged) where that is refused."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as error:  # a cpuset without those CPUs, or a sandbox that forbids it
+        log.debug("cannot keep a thread on CPUs %s: %s", sorted(cpus), error)
+        return False
+    return True
+
+
+def follow(cpu: int) -> None:
+    """Moves the calling thread to `cpu` (the trio thread's, -1 if unknown) unless it
+    was moved there already; tried once per move, whatever came of it."""
+    if cpu >= 0 and getattr(_followed, "cpu", None) != cpu:
+        _pin({cpu})
+        _followed.cpu = cpu
+
+
+@contextlib.contextmanager
+def all_cpus() -> Iterator[None]:
+    """The calling thread on every CPU the process may use for the block, so that the
+    threads it starts are not confined to its one CPU."""
+    own = os.sched_getaffinity(0)
+    if own == PROCESS_CPUS or not _pin(set(PROCESS_CPUS)):
+        yield
+        return
+    try:
+        yield
+    finally:
+        _pin(own)
+
+
+def _cpu_ticks() -> dict[int, tuple[int, int]]:
+    """Per CPU, (busy, idle) clock ticks since boot, from /proc/stat."""
+    ticks = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            # user nice system idle iowait irq softirq steal (guest time is within user)
+            values = list(map(int, fields[:8]))
+            idle = values[3] + values[4]
+            ticks[int(name[3:])] = (sum(values) - idle, idle)
+    return ticks
+
+
+def _process_ticks() -> int:
+    """The CPU time of the whole process, in the same clock ticks."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+class Placement:
+    """Keeps the calling trio thread on one CPU, and moves it when it is crowded."""
+
+    def __init__(self) -> None:
+        self.cpu = -1  # where the trio thread is kept; -1 while it is not
+
+    async def run(self, shutdown: trio.Event) -> None:
+        """Until `shutdown` is set."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep)
+            await shutdown.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _keep(self) -> None:
+        """Nothing to do with one CPU, or where CPUs cannot be told apart."""
+        cpu = current_cpu()
+        if len(PROCESS_CPUS) < 2 or cpu not in PROCESS_CPUS:
+            return
+        self._move(cpu)
+        before = _cpu_ticks(), _process_ticks()
+        while True:
+            await trio.sleep(PERIOD)
+            now = _cpu_ticks(), _process_ticks()
+            if (better := self._better_cpu(before, now)) is not None:
+                log.info("moving to CPU %d: other programs took most of CPU %d", better, self.cpu)
+                self._move(better)
+            before = now
+
+    def _move(self, cpu: int) -> None:
+        if _pin({cpu}):
+            self.cpu = cpu
+
+    def _better_cpu(self, before: tuple[dict[int, tuple[int, int]], int],
+                    now: tuple[dict[int, tuple[int, int]], int]) -> int | None:
+        """Another CPU of the process's with most of the period free, if others took most
+        of ours.  Our own time counts against ours alone: an estimate on the safe side,
+        as the real library's threads may run elsewhere."""
+        (cpus_before, ours_before), (cpus_now, ours_now) = before, now
+
+        def busy_idle(cpu: int) -> tuple[int, int]:
+            (busy0, idle0), (busy1, idle1) = cpus_before.get(cpu, (0, 0)), cpus_now.get(cpu, (0, 0))
+            return busy1 - busy0, idle1 - idle0
+
+        busy, idle = busy_idle(self.cpu)
+        if busy + idle <= 0 or busy - (ours_now - ours_before) <= CROWDED * (busy + idle):
+            return None
+        free = {cpu: busy_idle(cpu) for cpu in PROCESS_CPUS if cpu != self.cpu}
+        best = max(free, key=lambda cpu: free[cpu][1], default=None)
+        if best is None or free[best][1] <= CROWDED * sum(free[best]):
+            return None
+        return best

@@ -1,0 +1,106 @@
+"""pfnbd/cpus.py: the trio thread and the completion threads share one CPU, which moves
+away from a CPU other programs crowd."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require, run
+from pfnbd.cpus import CROWDED, PROCESS_CPUS, Placement
+
+TWO_CPUS = pytest.mark.skipif(len(PROCESS_CPUS) < 2, reason="needs two CPUs to choose from")
+
+
+def decide(on: int, ours: int, ticks: dict[int, tuple[int, int]]) -> int | None:
+    """Placement's choice after a period of 100 ticks per CPU, in which each CPU was
+    busy for the ticks given (the rest idle) and we used `ours` of them."""
+    placement = Placement()
+    placement.cpu = on
+    before = {cpu: (0, 0) for cpu in ticks}, 0
+    now = {cpu: (busy, 100 - busy) for cpu, (busy, _) in ticks.items()}, ours
+    return placement._better_cpu(before, now)
+
+
+@TWO_CPUS
+def test_moves_when_others_take_most_of_our_cpu_and_another_is_mostly_free():
+    a, b = sorted(PROCESS_CPUS)[:2]
+    assert decide(a, ours=10, ticks={a: (90, 0), b: (20, 0)}) == b
+
+
+@TWO_CPUS
+def test_stays_when_the_cpu_is_busy_with_our_own_work():
+    a, b = sorted(PROCESS_CPUS)[:2]
+    assert decide(a, ours=95, ticks={a: (100, 0), b: (5, 0)}) is None
+
+
+@TWO_CPUS
+def test_stays_when_no_other_cpu_has_room():
+    a, b = sorted(PROCESS_CPUS)[:2]
+    crowded = int(100 * CROWDED) + 10
+    assert decide(a, ours=0, ticks={a: (100, 0), b: (crowded, 0)}) is None
+
+
+def threads_cpus(pid: int) -> dict[int, str]:
+    """Each thread of `pid`, with the CPUs it may run on (as /proc lists them)."""
+    cpus = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                cpus[int(task.name)] = line.split(":", 1)[1].strip()
+    return cpus
+
+
+def wait_for(predicate, what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.1)
+
+
+def read_all(server) -> None:
+    run("nbdcopy", "--no-extents", server.uri(), "null:")  # a new volume is all hole: read anyway
+
+
+@TWO_CPUS
+def test_server_threads_share_one_cpu_after_io(server):
+    require("nbdcopy")
+    read_all(server)
+    pid = server.process.pid
+    cpus = threads_cpus(pid)
+    assert len(cpus) >= 2, cpus  # the trio thread and the volume's vol_proc at least
+    main = cpus[pid]
+    assert main.isdigit(), f"the trio thread may run on {main}"
+    assert set(cpus.values()) == {main}, cpus
+
+
+@TWO_CPUS
+def test_server_leaves_a_cpu_a_busy_program_takes(server):
+    require("nbdcopy", "taskset")
+    read_all(server)
+    pid = server.process.pid
+    crowded = threads_cpus(pid)[pid]
+    hog = subprocess.Popen(["taskset", "-c", crowded, sys.executable, "-c", "while True: pass"])
+    try:
+        wait_for(lambda: threads_cpus(pid)[pid] != crowded, f"the trio thread to leave CPU {crowded}")
+        moved = threads_cpus(pid)[pid]
+        read_all(server)  # the volume's thread follows at its next batch
+        assert set(threads_cpus(pid).values()) == {moved}, threads_cpus(pid)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert "moving to CPU" in server.log()
+
+
+def test_a_server_confined_to_one_cpu_stays_there(start_server):
+    require("nbdcopy", "taskset")
+    cpu = str(min(PROCESS_CPUS))
+    server = start_server(preexec_fn=lambda: os.sched_setaffinity(0, {int(cpu)}))
+    read_all(server)
+    assert set(threads_cpus(server.process.pid).values()) == {cpu}
