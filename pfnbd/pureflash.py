@@ -26,7 +26,7 @@ from pathlib import Path
 
 import attrs
 
-from .cpus import all_cpus
+from .cpus import started_away
 from .store import Extent, human_size, split_snapshot_name
 from .volume import S5_LIB_VER, IoHandler, VolumeOpenError
 
@@ -205,7 +205,7 @@ class PureFlashClient:
 
     def open_volume(self, name: str, snap: str | None = None, lib_ver: int = S5_LIB_VER) -> PureFlashVolume:
         """Opens a volume's head, or read-only one of its snapshots."""
-        with all_cpus():  # the threads it may start run no Python: not tied to the trio thread's CPU
+        with started_away():  # the threads it starts (pfnbd/cpus.py)
             handle = self._library.pf_open_volume(_c_string(name), self._conf_arg(), _c_string(snap), lib_ver)
         if not handle:  # NULL is all the library says; it logs the reason itself
             raise VolumeOpenError(

@@ -6,13 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import require, run
-from pfnbd.cpus import CROWDED, PROCESS_CPUS, Placement
+from pfnbd import cpus
+from pfnbd.cpus import CROWDED, PROCESS_CPUS, Placement, started_away
 
 TWO_CPUS = pytest.mark.skipif(len(PROCESS_CPUS) < 2, reason="needs two CPUs to choose from")
 
@@ -48,12 +50,51 @@ def test_stays_when_no_other_cpu_has_room():
 
 def threads_cpus(pid: int) -> dict[int, str]:
     """Each thread of `pid`, with the CPUs it may run on (as /proc lists them)."""
-    cpus = {}
+    return {thread: allowed for thread, (_, allowed) in threads(pid).items()}
+
+
+def threads(pid: int) -> dict[int, tuple[str, str]]:
+    """Each thread of `pid`: its name, and the CPUs it may run on."""
+    found = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for line in (task / "status").read_text().splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                cpus[int(task.name)] = line.split(":", 1)[1].strip()
+        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        found[int(task.name)] = (status["Name"].strip(), status["Cpus_allowed_list"].strip())
+    return found
+
+
+def cpu_set(listed: str) -> set[int]:
+    """The CPUs of a list as /proc writes it: "0-2,5"."""
+    cpus = set()
+    for part in listed.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
     return cpus
+
+
+def in_a_thread(function) -> None:
+    """`function()` on a thread of its own: what it pins is not the test's thread."""
+    thread = threading.Thread(target=function)
+    thread.start()
+    thread.join()
+
+
+@TWO_CPUS
+def test_threads_started_away_stay_off_the_trio_threads_cpu_as_it_moves():
+    a, b = sorted(PROCESS_CPUS)[:2]
+    stop = threading.Event()
+    try:
+        in_a_thread(lambda: Placement()._move(a))
+        with started_away():
+            library = threading.Thread(target=stop.wait)  # stands in for the library's C thread
+            library.start()
+        assert os.sched_getaffinity(library.native_id) == set(PROCESS_CPUS) - {a}
+        in_a_thread(lambda: Placement()._move(b))
+        assert os.sched_getaffinity(library.native_id) == set(PROCESS_CPUS) - {b}
+    finally:
+        stop.set()
+        library.join()
+        cpus._kept_on = -1
+        cpus._away.clear()
 
 
 def wait_for(predicate, what: str, timeout: float = 15) -> None:

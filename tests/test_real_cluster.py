@@ -19,6 +19,8 @@ from conftest import SYSTEM_PYTHON, run
 from realcluster import CLUSTER_TIMEOUT, STEP_TIMEOUT, cluster_script
 from test_contract import read_through
 from test_pureflash import pattern
+from test_cpus import TWO_CPUS, cpu_set, threads
+from pfnbd.cpus import PROCESS_CPUS
 from pfnbd.pureflash import PfClientVolumeInfo
 from pfnbd.volume import VolumeOpenError
 
@@ -99,6 +101,20 @@ def test_qemu_img_nbdinfo_and_nbdcopy_round_trip(real_cluster, serve_real, tmp_p
     assert out.read_bytes() == second.read_bytes()
     assert server.stop() == 0
     assert read_through(real_cluster.client().open_volume(name)) == second.read_bytes()
+
+
+@TWO_CPUS
+def test_the_librarys_threads_stay_off_the_trio_threads_cpu(real_cluster, serve_real):
+    """Its spin locks, which the trio thread takes to submit, convoy otherwise (pfnbd/cpus.py)."""
+    name = real_cluster.create_volume(4 * MiB, prefix="cpus")
+    server = serve_real(name)
+    run("nbdcopy", "--no-extents", server.uri(name), "null:", timeout=STEP_TIMEOUT)
+    placed = threads(server.process.pid)
+    trio_cpus = cpu_set(placed[server.process.pid][1])
+    assert len(trio_cpus) == 1, placed
+    library = [cpu_set(allowed) for thread_name, allowed in placed.values() if thread_name in ("pf_client", "vol_proc")]
+    assert library, f"no thread of the library's among {placed}"
+    assert all(allowed == PROCESS_CPUS - trio_cpus for allowed in library), placed
 
 
 # --- `pfnbd volume ... --backend pureflash`: the conductor through ZooKeeper --------
