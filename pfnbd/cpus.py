@@ -69,7 +69,12 @@ def follow(cpu: int) -> None:
 
 
 def _threads() -> set[int]:
-    return {int(task) for task in os.listdir("/proc/self/task")}
+    """The process's threads; empty where /proc cannot be read now (no descriptor free)."""
+    try:
+        return {int(task) for task in os.listdir("/proc/self/task")}
+    except OSError as error:
+        log.debug("cannot list the process's threads: %s", error)
+        return set()
 
 
 # Threads that run no Python, kept off the trio thread's CPU: the real library's.  It
@@ -92,9 +97,10 @@ def started_away() -> Iterator[None]:
     try:
         yield
     finally:
-        with _away_lock:
-            _away.update(_threads() - before)
-            _place_away()
+        if before:  # else any thread might look new: none is moved
+            with _away_lock:
+                _away.update(_threads() - before)
+                _place_away()
 
 
 def _place_away() -> None:  # with _away_lock held
@@ -127,6 +133,17 @@ def _process_ticks() -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def _look() -> tuple[dict[int, tuple[int, int]], int] | None:
+    """How busy the CPUs and the process have been, or None where /proc cannot be read
+    now (every descriptor taken by clients, say): that period is skipped, the server
+    goes on serving where it is."""
+    try:
+        return _cpu_ticks(), _process_ticks()
+    except OSError as error:
+        log.debug("cannot read how busy the CPUs are: %s", error)
+        return None
+
+
 class Placement:
     """Keeps the calling trio thread on one CPU, and moves it when it is crowded."""
 
@@ -146,11 +163,11 @@ class Placement:
         if len(PROCESS_CPUS) < 2 or cpu not in PROCESS_CPUS:
             return
         self._move(cpu)
-        before = _cpu_ticks(), _process_ticks()
+        before = _look()
         while True:
             await trio.sleep(PERIOD)
-            now = _cpu_ticks(), _process_ticks()
-            if (better := self._better_cpu(before, now)) is not None:
+            now = _look()
+            if before and now and (better := self._better_cpu(before, now)) is not None:
                 log.info("moving to CPU %d: other programs took most of CPU %d", better, self.cpu)
                 self._move(better)
             before = now

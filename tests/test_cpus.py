@@ -145,3 +145,33 @@ def test_a_server_confined_to_one_cpu_stays_there(start_server):
     server = start_server(preexec_fn=lambda: os.sched_setaffinity(0, {int(cpu)}))
     read_all(server)
     assert set(threads_cpus(server.process.pid).values()) == {cpu}
+
+
+@TWO_CPUS
+def test_placement_goes_on_when_proc_cannot_be_read(monkeypatch):
+    """With every descriptor taken (a hostile client), reading /proc/stat fails: the
+    server must go on serving, not end with an OSError."""
+    import trio
+    import trio.testing
+
+    def exhausted() -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(cpus, "_cpu_ticks", exhausted)
+    errors = []
+
+    async def main() -> None:
+        with trio.move_on_after(5 * cpus.PERIOD):
+            await Placement()._keep()
+
+    def run_it() -> None:
+        try:
+            trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        except BaseException as error:  # noqa: BLE001 (reported to the test's thread)
+            errors.append(error)
+
+    try:
+        in_a_thread(run_it)
+    finally:
+        cpus._kept_on = -1
+    assert errors == []
