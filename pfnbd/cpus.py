@@ -147,9 +147,6 @@ def _look() -> tuple[dict[int, tuple[int, int]], int] | None:
 class Placement:
     """Keeps the calling trio thread on one CPU, and moves it when it is crowded."""
 
-    def __init__(self) -> None:
-        self.cpu = -1  # where the trio thread is kept; -1 while it is not
-
     async def run(self, shutdown: trio.Event) -> None:
         """Until `shutdown` is set."""
         async with trio.open_nursery() as nursery:
@@ -159,31 +156,30 @@ class Placement:
 
     async def _keep(self) -> None:
         """Nothing to do with one CPU, or where CPUs cannot be told apart."""
-        cpu = current_cpu()
-        if len(PROCESS_CPUS) < 2 or cpu not in PROCESS_CPUS:
+        on = current_cpu()
+        if len(PROCESS_CPUS) < 2 or on not in PROCESS_CPUS:
             return
-        self._move(cpu)
+        self._move(on)
         before = _look()
         while True:
             await trio.sleep(PERIOD)
             now = _look()
-            if before and now and (better := self._better_cpu(before, now)) is not None:
-                log.info("moving to CPU %d: other programs took most of CPU %d", better, self.cpu)
+            if before and now and (better := self._better_cpu(_kept_on, before, now)) is not None:
+                log.info("moving to CPU %d: other programs took most of CPU %d", better, _kept_on)
                 self._move(better)
             before = now
 
     def _move(self, cpu: int) -> None:
         global _kept_on
         if _pin({cpu}):
-            self.cpu = cpu
             with _away_lock:
                 _kept_on = cpu
                 _place_away()
 
-    def _better_cpu(self, before: tuple[dict[int, tuple[int, int]], int],
+    def _better_cpu(self, on: int, before: tuple[dict[int, tuple[int, int]], int],
                     now: tuple[dict[int, tuple[int, int]], int]) -> int | None:
         """Another CPU of the process's with most of the period free, if others took most
-        of ours.  Our own time counts against ours alone: an estimate on the safe side,
+        of ours (`on`).  Our own time counts against ours alone: an estimate on the safe side,
         as the real library's threads may run elsewhere."""
         (cpus_before, ours_before), (cpus_now, ours_now) = before, now
 
@@ -191,10 +187,10 @@ class Placement:
             (busy0, idle0), (busy1, idle1) = cpus_before.get(cpu, (0, 0)), cpus_now.get(cpu, (0, 0))
             return busy1 - busy0, idle1 - idle0
 
-        busy, idle = busy_idle(self.cpu)
+        busy, idle = busy_idle(on)
         if busy + idle <= 0 or busy - (ours_now - ours_before) <= CROWDED * (busy + idle):
             return None
-        free = {cpu: busy_idle(cpu) for cpu in PROCESS_CPUS if cpu != self.cpu}
+        free = {cpu: busy_idle(cpu) for cpu in PROCESS_CPUS if cpu != on}
         best = max(free, key=lambda cpu: free[cpu][1], default=None)
         if best is None or free[best][1] <= CROWDED * sum(free[best]):
             return None

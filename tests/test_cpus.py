@@ -22,11 +22,9 @@ TWO_CPUS = pytest.mark.skipif(len(PROCESS_CPUS) < 2, reason="needs two CPUs to c
 def decide(on: int, ours: int, ticks: dict[int, tuple[int, int]]) -> int | None:
     """Placement's choice after a period of 100 ticks per CPU, in which each CPU was
     busy for the ticks given (the rest idle) and we used `ours` of them."""
-    placement = Placement()
-    placement.cpu = on
     before = {cpu: (0, 0) for cpu in ticks}, 0
     now = {cpu: (busy, 100 - busy) for cpu, (busy, _) in ticks.items()}, ours
-    return placement._better_cpu(before, now)
+    return Placement()._better_cpu(on, before, now)
 
 
 @TWO_CPUS
