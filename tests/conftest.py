@@ -88,6 +88,14 @@ def listening(path: Path) -> bool:
     return any(f[3] == "00010000" and f[-1] == str(path) for f in map(str.split, lines) if len(f) == 8)
 
 
+def wait_for(predicate, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
 def wait_for_socket(process: subprocess.Popen[str], path: Path, log_path: Path) -> None:
     deadline = time.monotonic() + 30
     while not listening(path):

@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import require, run
+from conftest import require, run, wait_for
 from pfnbd import cpus
 from pfnbd.cpus import CROWDED, PROCESS_CPUS, Placement, started_away
 
@@ -95,14 +94,6 @@ def test_threads_started_away_stay_off_the_trio_threads_cpu_as_it_moves():
         cpus._away.clear()
 
 
-def wait_for(predicate, what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
-
-
 def read_all(server) -> None:
     run("nbdcopy", "--no-extents", server.uri(), "null:")  # a new volume is all hole: read anyway
 
@@ -112,11 +103,11 @@ def test_server_threads_share_one_cpu_after_io(server):
     require("nbdcopy")
     read_all(server)
     pid = server.process.pid
-    cpus = threads_cpus(pid)
-    assert len(cpus) >= 2, cpus  # the trio thread and the volume's vol_proc at least
-    main = cpus[pid]
+    placed = threads_cpus(pid)
+    assert len(placed) >= 2, placed  # the trio thread and the volume's vol_proc at least
+    main = placed[pid]
     assert main.isdigit(), f"the trio thread may run on {main}"
-    assert set(cpus.values()) == {main}, cpus
+    assert set(placed.values()) == {main}, placed
 
 
 @TWO_CPUS
@@ -127,7 +118,8 @@ def test_server_leaves_a_cpu_a_busy_program_takes(server):
     crowded = threads_cpus(pid)[pid]
     hog = subprocess.Popen(["taskset", "-c", crowded, sys.executable, "-c", "while True: pass"])
     try:
-        wait_for(lambda: threads_cpus(pid)[pid] != crowded, f"the trio thread to leave CPU {crowded}")
+        wait_for(lambda: threads_cpus(pid)[pid] != crowded, f"the trio thread to leave CPU {crowded}",
+                 timeout=15)
         moved = threads_cpus(pid)[pid]
         read_all(server)  # the volume's thread follows at its next batch
         assert set(threads_cpus(pid).values()) == {moved}, threads_cpus(pid)

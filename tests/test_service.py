@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from conftest import Cli, ServeProcess, listening, pfnbd_command, require, run
+from conftest import Cli, ServeProcess, listening, pfnbd_command, require, run, wait_for
 from test_cli import free_loopback_port, hold_connection
 from test_tls import connection_lines, launch, log_lines, nbdinfo, pki  # noqa: F401 (fixtures)
 
@@ -39,14 +39,6 @@ def stats_line(server, export: str) -> dict[str, int]:
     lines = [line for line in log_lines(server, "stats") if f"export={export} " in line]
     assert lines, server.log()
     return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", lines[-1])}
-
-
-def wait_for(predicate, what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 @pytest.fixture
