@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pfnbd_command, require, run
+from conftest import pfnbd_command, require, run, wait_for
 from test_extended_headers import qemu10
-from test_service import report_stats, socket_activate, wait_for  # noqa: F401 (fixture)
+from test_service import report_stats, socket_activate  # noqa: F401 (fixture)
 from test_tls import log_lines, nbdinfo
 
 MiB = 1 << 20

@@ -15,9 +15,8 @@ import time
 
 import pytest
 
-from conftest import run_libnbd
+from conftest import run_libnbd, wait_for
 from fuzz.nbdwire import Cmd, ConnectionClosed, Err, NbdClient, Pending, pattern, request_header
-from test_service import wait_for
 
 KiB = 1 << 10
 
