@@ -549,7 +549,7 @@ async def _serve(
             stats.serving(server)
             if metrics_address is not None:
                 # Imported only when asked for: prometheus_client and its HTTP server are
-                # about 2 MiB of a server whose peak is near 62 MiB (benchmarks/README.md).
+                # about 2 MiB of a server whose peak is near 54 MiB (benchmarks/README.md).
                 from .metrics import serve_metrics
 
                 try:
