@@ -135,12 +135,16 @@ def main() -> None:
         direct_iops(loadgen, library, directory / "pf.conf", WORKLOADS[3], max(10, options.runtime))
         for round_number in range(options.rounds):
             for workload in WORKLOADS:
-                print(f"round {round_number + 1}: {workload.label}", file=sys.stderr)
                 results.setdefault((workload.label, "direct"), []).append(workload.value(
                     direct_iops(loadgen, library, directory / "pf.conf", workload, options.runtime)))
                 for name, (_, uri) in servers.items():
                     results.setdefault((workload.label, name), []).append(workload.value(
                         nbd_iops(uri, directory / "fio.json", workload, options.runtime)))
+                # Each round's figures too: on a busy machine they spread as far as the
+                # ratios between the columns, which the medians alone would hide.
+                print(f"round {round_number + 1}: {workload.label}: " + ", ".join(
+                    f"{name} {results[(workload.label, name)][-1]:.1f}" for name in ["direct", *servers]),
+                    file=sys.stderr)
     finally:
         for server, _ in servers.values():
             server.terminate()
