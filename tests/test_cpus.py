@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from conftest import require, run, wait_for
 from pfnbd import cpus
@@ -141,9 +143,6 @@ def test_a_server_confined_to_one_cpu_stays_there(start_server):
 def test_placement_goes_on_when_proc_cannot_be_read(monkeypatch):
     """With every descriptor taken (a hostile client), reading /proc/stat fails: the
     server must go on serving, not end with an OSError."""
-    import trio
-    import trio.testing
-
     def exhausted() -> None:
         raise OSError(24, "Too many open files")
 
