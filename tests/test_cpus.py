@@ -112,6 +112,17 @@ def test_server_threads_share_one_cpu_after_io(server):
     assert set(placed.values()) == {main}, placed
 
 
+def test_the_volume_thread_does_not_preempt_the_trio_thread(server):
+    """After I/O the volume's completion thread is SCHED_BATCH, and it alone: woken by a
+    submit, it waits for the trio thread to wait instead of taking its CPU."""
+    require("nbdcopy")
+    read_all(server)
+    pid = server.process.pid
+    policies = {thread: os.sched_getscheduler(thread) for thread in threads(pid)}
+    assert policies.pop(pid) == os.SCHED_OTHER
+    assert sorted(policies.values()).count(os.SCHED_BATCH) == 1, policies
+
+
 @TWO_CPUS
 def test_server_leaves_a_cpu_a_busy_program_takes(server):
     require("nbdcopy", "taskset")
