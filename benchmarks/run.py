@@ -433,6 +433,7 @@ def measure(bench: Bench, server: RunningServer, workload: Workload, results: Re
     key = (server.name, workload.key)
     if key in results.failures:
         return
+    before = cpu_ticks()
     try:
         server.check_alive()
         value = workload.measure(bench, server)
@@ -446,7 +447,7 @@ def measure(bench: Bench, server: RunningServer, workload: Workload, results: Re
         return
     results.samples[key].append(value)
     progress(f"{tag} {workload.label:32} {server.name:9} {format_value(workload.unit, value)} "
-             f"{workload.unit}")
+             f"{workload.unit} ({stolen_since(before)} stolen)")
 
 
 def rotated(items: list, by: int) -> list:
@@ -500,14 +501,37 @@ def format_ratio(value: float | None, baseline: float | None) -> str:
     return f"{value / baseline:.2f}"
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, steal): the clock ticks of every CPU since boot, and those the hypervisor
+    gave to other guests (/proc/stat; (0, 0) where there is none)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return 0, 0
+    # user nice system idle iowait irq softirq steal (guest time is within user)
+    ticks = list(map(int, fields))
+    return sum(ticks), ticks[7] if len(ticks) > 7 else 0
+
+
+TICKS_AT_START = cpu_ticks()
+
+
+def stolen_since(before: tuple[int, int]) -> str:
+    """The share of the CPUs' time the host took since `before` (`cpu_ticks`), as "4.2%"."""
+    (all_now, steal_now), (all_then, steal_then) = cpu_ticks(), before
+    return f"{100 * (steal_now - steal_then) / (all_now - all_then) if all_now > all_then else 0.0:.1f}%"
+
+
 def machine_lines() -> list[str]:
     """What machine a table comes from: a figure holds only for the machine it was
-    measured on."""
+    measured on, and only while its host lets it run.  On a VM whose host is busy the
+    same server's rounds differ by a factor of three: the steal time says when."""
     model = next((line.split(":", 1)[1].strip() for line in
                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                  platform.processor() or "unknown")
     return [
-        f"machine: {model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end",
+        f"machine: {model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end, "
+        f"{stolen_since(TICKS_AT_START)} of the CPUs' time stolen by the host while it ran",
         f"kernel: {platform.system()} {platform.release()}; "
         f"Python: {platform.python_implementation()} {platform.python_version()} ({sys.executable})",
     ]

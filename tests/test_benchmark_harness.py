@@ -78,7 +78,7 @@ def test_quick_run_prints_a_ratio_for_every_workload(tmp_path: Path) -> None:
     assert re.search(r"^peak RSS \(VmHWM\): pfnbd \d+\.\d MiB, qemu-nbd \d+\.\d MiB$",
                      result.stdout, re.MULTILINE), result.stdout
     # The machine it came from, first: a table holds only for it.
-    assert re.search(r"^machine: .+, \d+ CPUs, load average", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^machine: .+, \d+ CPUs, load average [\d.]+ at the end, [\d.]+% of the CPUs' time stolen", result.stdout, re.MULTILINE), result.stdout
     assert re.search(r"^kernel: Linux .+; Python: CPython 3\.", result.stdout, re.MULTILINE), result.stdout
 
     assert list(tmp_path.iterdir()) == [], "the harness left files in its --workdir"
