@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import REPO_ROOT, machine_lines
+from run import REPO_ROOT, cpu_ticks, machine_lines, stolen_since
 
 SERVE = ("from pfnbd.cli import main; import sys; "
          "sys.argv = ['pfnbd', 'serve', '--volume', 'bench', '--socket', sys.argv[1]]; main()")
@@ -62,7 +62,7 @@ def fio(uri: str, rw: str, requests: int) -> float:
     return job["read" if rw == "randread" else "write"]["iops"]
 
 
-def measure(workdir: Path, prelude: str, requests: int) -> list[tuple[str, float, float, float]]:
+def measure(workdir: Path, prelude: str, requests: int) -> list[tuple[str, float, float, float, str]]:
     socket = workdir / "sock"
     env = dict(os.environ, PFNBD_DATA_DIR=str(workdir), PYTHONPATH=str(REPO_ROOT))
     server = subprocess.Popen([sys.executable, "-c", f"{prelude}\n{SERVE}", str(socket)], env=env,
@@ -76,10 +76,10 @@ def measure(workdir: Path, prelude: str, requests: int) -> list[tuple[str, float
         uri = f"nbd+unix:///bench?socket={socket}"
         rows = []
         for rw in ("randread", "randwrite"):
-            cpu, switched = cpu_seconds(server.pid), switches(server.pid)
+            cpu, switched, ticks = cpu_seconds(server.pid), switches(server.pid), cpu_ticks()
             iops = fio(uri, rw, requests)
             rows.append((rw, iops, 1e6 * (cpu_seconds(server.pid) - cpu) / requests,
-                         (switches(server.pid) - switched) / requests))
+                         (switches(server.pid) - switched) / requests, stolen_since(ticks)))
         return rows
     finally:
         server.terminate()
@@ -102,14 +102,14 @@ def main() -> None:
         env = dict(os.environ, PFNBD_DATA_DIR=str(workdir), PYTHONPATH=str(REPO_ROOT))
         subprocess.run([sys.executable, "-m", "pfnbd", "volume", "create", "bench", "--size", "1G"],
                        env=env, check=True, capture_output=True)
-        print("| variant | round | workload | IOPS | server CPU µs/request | switches/request |")
-        print("|---|---|---|---|---|---|")
+        print("| variant | round | workload | IOPS | server CPU µs/request | switches/request | stolen |")
+        print("|---|---|---|---|---|---|---|")
         for round_ in range(1, args.rounds + 1):
             for name, prelude in variants:
                 if round_ == 1 and name == "pfnbd":
                     fill(workdir, env)
-                for rw, iops, cpu, switched in measure(workdir, prelude, args.requests):
-                    print(f"| {name} | {round_} | 4k {rw} QD32 | {iops:.0f} | {cpu:.1f} | {switched:.2f} |",
+                for rw, iops, cpu, switched, stolen in measure(workdir, prelude, args.requests):
+                    print(f"| {name} | {round_} | 4k {rw} QD32 | {iops:.0f} | {cpu:.1f} | {switched:.2f} | {stolen} |",
                           flush=True)
         print("\n".join(machine_lines()))
     finally:
