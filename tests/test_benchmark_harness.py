@@ -91,3 +91,52 @@ def test_a_missing_tool_is_named_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == "run.py: missing tool: nbdcopy (apt-get install libnbd-bin)\n"
+
+
+def harness_module():
+    """benchmarks/run.py imported, for its parts that need no server."""
+    sys.path.insert(0, str(HARNESS.parent))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(HARNESS.parent))
+    return run
+
+
+class FakeServer:
+    name = "pfnbd"
+
+    def check_alive(self) -> None:
+        pass
+
+
+def measured_with_steal(monkeypatch, shares: list[float]) -> tuple[object, object, list[float]]:
+    """`measure` of one run whose successive tries see the host take `shares` of the
+    CPUs' time; the n-th try measures n."""
+    run = harness_module()
+    ticks = []
+    for share in shares:  # each try reads the ticks before and after
+        ticks += [(0, 0), (1000, int(1000 * share))]
+    monkeypatch.setattr(run, "cpu_ticks", iter(ticks).__next__)
+    tries = iter(range(1, 10))
+    workload = run.Workload("randread-1", "fio 4k randread QD32 ×1 conn", "IOPS", lambda bench, server: next(tries))
+    bench = run.Bench(1 << 20, Path("/nonexistent"), Path("/nonexistent"), 1, max_steal=0.05)
+    results = run.Results()
+    run.measure(bench, FakeServer(), workload, results, "[round 1/1]")
+    return run, results, bench
+
+
+def test_a_run_the_host_stole_from_is_measured_again(monkeypatch):
+    _, results, _ = measured_with_steal(monkeypatch, [0.30, 0.02])
+    assert results.samples["pfnbd", "randread-1"] == [2]  # the second try's
+    assert results.stolen == []
+
+
+def test_a_run_stolen_from_in_every_try_is_kept_and_reported(monkeypatch):
+    run, results, bench = measured_with_steal(monkeypatch, [0.30, 0.20, 0.10])
+    assert results.samples["pfnbd", "randread-1"] == [3]  # the last try's, whatever its steal
+    assert results.stolen == [("pfnbd", "randread-1", 0.10)]
+    monkeypatch.setattr(run, "cpu_ticks", lambda: (0, 0))  # for the machine line
+    lines = run.report(results, ["pfnbd"], [run.WORKLOADS_BY_KEY["randread-1"]], bench, 1)
+    assert ("STOLEN pfnbd fio 4k randread QD32 ×1 conn: the host took 10.0% of the CPUs' time in "
+            "the run kept (over --max-steal 5% in all 3 tries)") in lines
