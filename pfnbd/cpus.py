@@ -11,7 +11,8 @@ completion thread still runs, so the trio thread is placed too.
 
 `Placement` keeps the trio thread on one CPU of those the process may use, and moves
 it when other programs take most of that CPU while another has most of its time
-free; the completion threads follow it (`follow`, called by the bridge once a batch).
+free; the completion threads follow it (`follow`, called by the bridge once a batch),
+and the emulated library's never preempts it there (`yield_on_wakeup`).
 The real library's own threads, which run no Python, are kept off that CPU
 (`started_away`, below, says why).
 
@@ -42,7 +43,7 @@ PROCESS_CPUS = frozenset(os.sched_getaffinity(0))
 # The calling thread's CPU (glibc reads it without a system call), asked with the GIL
 # held: letting it go and taking it back would cost more than the call.
 _sched_getcpu = getattr(ctypes.PyDLL(None), "sched_getcpu", None)
-_followed = threading.local()  # per thread: the CPU `follow` last moved it to, -1 for none
+_followed = threading.local()  # per thread: the CPU `follow` last moved it to
 
 
 def current_cpu() -> int:
@@ -62,25 +63,24 @@ def _pin(cpus: set[int]) -> bool:
 
 def follow(cpu: int) -> None:
     """Moves the calling thread to `cpu` (the trio thread's, -1 if unknown) unless it
-    was moved there already; tried once per move, whatever came of it.  At its first
-    call the thread also stops preempting the thread it follows (`_yield_on_wakeup`)."""
-    followed = getattr(_followed, "cpu", None)
-    if followed is None:
-        _yield_on_wakeup()
-        _followed.cpu = -1
-    if cpu >= 0 and followed != cpu:
+    was moved there already; tried once per move, whatever came of it."""
+    if cpu >= 0 and getattr(_followed, "cpu", None) != cpu:
         _pin({cpu})
         _followed.cpu = cpu
 
 
-def _yield_on_wakeup() -> None:
+def yield_on_wakeup() -> None:
     """Puts the calling thread in SCHED_BATCH, whose wake-ups never preempt the thread
-    running on their CPU.  A completion thread is woken by the trio thread's first submit
-    of a batch, on the trio thread's CPU: preempting it there only finds the GIL taken
-    and blocks again, two context switches for nothing.  As SCHED_BATCH it runs once
-    the trio thread waits, with the whole batch queued: a third of the switches per
-    request, and batches half as big again (benchmarks/README.md, "The seventh session's
-    machine")."""
+    running on their CPU.
+
+    For the emulated library's thread.  A submit wakes it on the trio thread's CPU;
+    preempting the trio thread there only finds the GIL taken and blocks again, two
+    context switches for nothing, which the real library's threads (no Python, no GIL)
+    never pay.  As SCHED_BATCH it runs once the trio thread waits, with the whole batch
+    queued: a third of the switches per request, and batches half as big again.  The
+    real library's completion thread (`_drain`) is woken by the library, not by a
+    submit, and stays as it is: made SCHED_BATCH it slowed 128 KiB streams on a real
+    cluster by up to 15% (benchmarks/README.md, "The seventh session's machine")."""
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (OSError, AttributeError) as error:  # a sandbox that forbids it; not Linux

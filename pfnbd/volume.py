@@ -34,7 +34,7 @@ from typing import Protocol, TypeVar
 import attrs
 import trio
 
-from .cpus import current_cpu, follow
+from .cpus import current_cpu, follow, yield_on_wakeup
 from .store import Extent, HeadImage, ReadOnlyHead, SnapshotImage, Store, StoreError, split_snapshot_name
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ class EmulatedVolume:
         # Completions held back by an injected delay wait in `delayed`, due time
         # first: each I/O is late by the delay, but they overlap as a network's round
         # trips would.
+        yield_on_wakeup()
         delayed: list[tuple[float, int, _Io, int]] = []
         sequence = itertools.count()
         while self._run_batch(delayed, sequence):
