@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import REPO_ROOT, cpu_ticks, machine_lines, stolen_since
+from run import REPO_ROOT, cpu_ticks, machine_lines, percent, stolen_share
 
 SERVE = ("from pfnbd.cli import main; import sys; "
          "sys.argv = ['pfnbd', 'serve', '--volume', 'bench', '--socket', sys.argv[1]]; main()")
@@ -79,7 +79,7 @@ def measure(workdir: Path, prelude: str, requests: int) -> list[tuple[str, float
             cpu, switched, ticks = cpu_seconds(server.pid), switches(server.pid), cpu_ticks()
             iops = fio(uri, rw, requests)
             rows.append((rw, iops, 1e6 * (cpu_seconds(server.pid) - cpu) / requests,
-                         (switches(server.pid) - switched) / requests, stolen_since(ticks)))
+                         (switches(server.pid) - switched) / requests, percent(stolen_share(ticks))))
         return rows
     finally:
         server.terminate()

@@ -452,7 +452,7 @@ def measure(bench: Bench, server: RunningServer, workload: Workload, results: Re
             return
         stolen = stolen_share(before)
         line = (f"{tag} {workload.label:32} {server.name:9} {format_value(workload.unit, value)} "
-                f"{workload.unit} ({100 * stolen:.1f}% stolen)")
+                f"{workload.unit} ({percent(stolen)} stolen)")
         if stolen <= bench.max_steal:
             break
         if attempt < STEAL_RETRIES:
@@ -535,9 +535,9 @@ def stolen_share(before: tuple[int, int]) -> float:
     return (steal_now - steal_then) / (all_now - all_then) if all_now > all_then else 0.0
 
 
-def stolen_since(before: tuple[int, int]) -> str:
-    """`stolen_share` as "4.2%"."""
-    return f"{100 * stolen_share(before):.1f}%"
+def percent(share: float) -> str:
+    """A share as "4.2%"."""
+    return f"{100 * share:.1f}%"
 
 
 def machine_lines() -> list[str]:
@@ -549,7 +549,7 @@ def machine_lines() -> list[str]:
                  platform.processor() or "unknown")
     return [
         f"machine: {model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end, "
-        f"{stolen_since(TICKS_AT_START)} of the CPUs' time stolen by the host while it ran",
+        f"{percent(stolen_share(TICKS_AT_START))} of the CPUs' time stolen by the host while it ran",
         f"kernel: {platform.system()} {platform.release()}; "
         f"Python: {platform.python_implementation()} {platform.python_version()} ({sys.executable})",
     ]
@@ -582,7 +582,7 @@ def report(results: Results, servers: list[str], workloads: list[Workload], benc
         f"{server} {format_usage(results.cpu_seconds.get(server), 's')}" for server in servers))
     for server, workload_key, stolen in results.stolen:
         lines.append(f"STOLEN {server} {WORKLOADS_BY_KEY[workload_key].label}: the host took "
-                     f"{100 * stolen:.1f}% of the CPUs' time in the run kept (over --max-steal "
+                     f"{percent(stolen)} of the CPUs' time in the run kept (over --max-steal "
                      f"{100 * bench.max_steal:g}% in all {1 + STEAL_RETRIES} tries)")
     for (server, workload_key), failure in results.failures.items():
         lines.append(f"FAILED {server} {WORKLOADS_BY_KEY[workload_key].label}: {failure}")

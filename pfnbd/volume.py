@@ -261,12 +261,12 @@ class EmulatedVolume:
     # -- vol_proc: the volume's own thread --------------------------------
 
     def _vol_proc(self) -> None:
+        yield_on_wakeup()  # a submit wakes it without preempting the submitter
         # It takes every I/O queued at once, executes them, then completes them: one
         # burst of callbacks per batch, which the bridge carries into trio together.
         # Completions held back by an injected delay wait in `delayed`, due time
         # first: each I/O is late by the delay, but they overlap as a network's round
         # trips would.
-        yield_on_wakeup()
         delayed: list[tuple[float, int, _Io, int]] = []
         sequence = itertools.count()
         while self._run_batch(delayed, sequence):

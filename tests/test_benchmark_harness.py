@@ -110,9 +110,10 @@ class FakeServer:
         pass
 
 
-def measured_with_steal(monkeypatch, shares: list[float]) -> tuple[object, object, list[float]]:
+def measured_with_steal(monkeypatch, shares: list[float]) -> tuple[object, object, object]:
     """`measure` of one run whose successive tries see the host take `shares` of the
-    CPUs' time; the n-th try measures n."""
+    CPUs' time; the n-th try measures n.  Returns the harness module, the results and
+    the bench."""
     run = harness_module()
     ticks = []
     for share in shares:  # each try reads the ticks before and after
