@@ -17,6 +17,8 @@ Locks between processes sharing a data directory: a served image holds a shared
 `flock` (so `delete` refuses it), the one process writing a head holds NAME.writer
 exclusively, and snapshot creation/deletion takes the barrier exclusively, so every
 head write lands either wholly before a snapshot or wholly copied-before after it.
+Processes forked by one server (`pfnbd serve --workers`) share its NAME.writer and
+write one head together; a chunk is preserved under a lock on its byte of the map.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import json
 import logging
 import os
 import re
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +64,8 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+# struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for an open file description's lock)
+_FLOCK = struct.Struct("hhqqi4x")
 
 
 def human_size(size: int) -> str:
@@ -203,6 +208,17 @@ def _flocked(path: Path, operation: int, busy_message: str | None = None) -> Ite
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _range_locked(fd: int, start: int, length: int) -> Iterator[None]:
+    """Bytes [start, start+length) of `fd`'s file, exclusively, against every other open
+    file description: an OFD lock, which no other descriptor's close lets go."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+    try:
+        yield
+    finally:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))
+
+
 def _create_sparse(path: Path, size: int) -> None:
     with open(path, "xb") as f:
         f.truncate(size)
@@ -213,6 +229,7 @@ class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._dir = self.root / "volumes"
+        self._held_writers: dict[str, int] = {}  # volume name -> its NAME.writer, locked
 
     # -- paths ------------------------------------------------------------
 
@@ -230,6 +247,22 @@ class Store:
 
     def _writer_path(self, name: str) -> Path:
         return self._dir / f"{name}.writer"
+
+    def hold_writer(self, name: str) -> None:
+        """Takes NAME.writer for this process and those it forks, until it exits: their
+        heads of NAME share the one lock (one open file description), and any other
+        process's head is refused.  For a server that writes a head from several processes."""
+        self.get(name)
+        self._held_writers[name] = self._take_writer(name)
+
+    def _take_writer(self, name: str) -> int:
+        fd = os.open(self._writer_path(name), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VolumeBusy(f"volume {name!r} is already served by another process") from None
+        return fd
 
     @contextlib.contextmanager
     def _barrier(self, name: str) -> Iterator[None]:
@@ -509,7 +542,20 @@ class _SnapshotFiles:
         """Copies `chunks` of `source` (a file of `size` bytes) here and marks them
         preserved, in that order: a chunk is marked only once its copy is wholly
         written and durable, so a failure anywhere leaves it unmarked, and the
-        caller must not overwrite what it was copying."""
+        caller must not overwrite what it was copying.
+
+        Other processes may write the same head, each with its own copy of the map:
+        under a lock on the chunks' bytes of the map, the ones another process
+        preserved meanwhile are skipped, since copying them again would copy its new
+        data.  Afterwards every one of `chunks` is preserved."""
+        if not chunks:
+            return
+        first, count = chunks[0], chunks[-1] + 1 - chunks[0]
+        with _range_locked(self.map, first, count):
+            marks = self.read_map(first, count)
+            self._copy(source, [c for c in chunks if not marks[c - first]], size)
+
+    def _copy(self, source: int, chunks: Sequence[int], size: int) -> None:
         if not chunks:
             return
         for chunk in chunks:
@@ -661,12 +707,8 @@ class HeadImage(_Image):
     writable = True
 
     def __init__(self, store: Store, meta: VolumeMeta) -> None:
-        self._writer = os.open(store._writer_path(meta.name), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._writer)
-            raise VolumeBusy(f"volume {meta.name!r} is already served by another process") from None
+        held = store._held_writers.get(meta.name)
+        self._writer = os.dup(held) if held is not None else store._take_writer(meta.name)
         super().__init__(store, meta, store.image_path(meta.name), os.O_RDWR)
         self._barrier = os.open(store._barrier_path(meta.name), os.O_RDWR | os.O_CREAT, 0o644)
         self._newest: _SnapshotFiles | None = None

@@ -135,6 +135,34 @@ def test_served_volumes_and_snapshots_cannot_be_deleted(store):
     assert sorted(p.name for p in (store.root / "volumes").iterdir()) == [".lock"]
 
 
+def test_heads_sharing_a_held_writer_preserve_each_chunk_once(store):
+    """Two heads of one volume, as two workers of one server hold them: each has its own
+    copy of the snapshot's map, and one preserving a chunk must not make the other copy
+    the first one's new data into the snapshot."""
+    old = random.Random(5).randbytes(SIZE)
+    head = store.open_image("v")
+    write(head, 0, old)
+    head.close()
+    store.create_snapshot("v", "s1")
+    store.hold_writer("v")
+    first, second = store.open_image("v"), store.open_image("v")
+    try:
+        with pytest.raises(VolumeBusy, match="already served"):
+            Store(store.root).open_image("v")  # another server is still refused
+        write(second, 5 * CHUNK, b"b" * 512)  # `second` has read the map: chunk 0 not preserved
+        write(first, 0, b"1" * CHUNK)  # preserves chunk 0, then overwrites it
+        write(second, 0, b"2" * 512)  # its map is stale: chunk 0 must not be copied again
+        snap = store.open_image("v@s1")
+        try:
+            assert read(snap) == old
+        finally:
+            snap.close()
+        assert read(first, 0, CHUNK) == b"2" * 512 + b"1" * (CHUNK - 512)
+    finally:
+        first.close()
+        second.close()
+
+
 def test_bad_names_and_duplicates_are_refused(store):
     with pytest.raises(VolumeExists):
         store.create("v", 512)
