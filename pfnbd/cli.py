@@ -12,6 +12,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,18 +24,19 @@ from . import protocol as p
 from .control import ControlError, ExportControl, call, serve_control
 from .negotiation import TlsMode
 from .conductor import Conductor
-from .cpus import Placement
+from .cpus import PROCESS_CPUS, Placement
 from .pureflash import DEFAULT_CONF, LIBRARY_ENV, MIN_IO_DEADLINE, PureFlashClient
 from .server import (
     HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt,
     open_exports, open_tcp_listeners, open_unix_listener, remove_socket, SocketFile, socket_file,
     systemd_listeners,
 )
-from .store import SUFFIX_SHIFT, Store, StoreError, human_size
+from .store import SUFFIX_SHIFT, Store, StoreError, human_size, split_snapshot_name
 from .throttle import BURSTS, LIMITS, Limits, ThrottleError
 from .tls import TlsConfigError, server_context
 from .transfer import export_cluster_volume, export_volume, import_cluster_volume, import_volume
 from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, RETRY_TIME_LIMIT, EmulatedClient, Faults, VolumeClient, VolumeOpenError
+from .workers import supervise
 
 log = logging.getLogger("pfnbd")
 
@@ -43,6 +45,7 @@ DEFAULT_BIND = "127.0.0.1"  # serving the network is the operator's explicit cho
 DEFAULT_VOLUME = "default"
 DEFAULT_VOLUME_SIZE = "1G"
 SIZE = re.compile(r"(\d+)([KMGT]?)", re.IGNORECASE)
+LOG_FORMAT = "%(asctime)s {name}: %(message)s"
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -89,7 +92,7 @@ def main_options(
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s pfnbd: %(message)s",
+        format=LOG_FORMAT.format(name="pfnbd"),
     )
     ctx.obj = Store(data_dir or default_data_dir())
 
@@ -337,6 +340,9 @@ def serve(
                            "(repeatable).")] = None,
     metrics: Annotated[Optional[str], typer.Option(
         "--metrics", help=f"Serve Prometheus /metrics on [ADDR:]PORT (ADDR defaults to {DEFAULT_BIND}).")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Serve from this many processes, a CPU each, sharing the listening "
+                          "sockets; writes must then be whole 512-byte sectors.")] = 1,
 ) -> None:
     """Serve volumes over NBD until SIGTERM or SIGINT; SIGUSR1 logs statistics.
 
@@ -354,6 +360,8 @@ def serve(
         raise CliError(f"invalid --handshake-limit {handshake_limit}: give a number of seconds")
     if not shutdown_timeout >= 0:
         raise CliError(f"invalid --shutdown-timeout {shutdown_timeout}: give a number of seconds")
+    _check_workers(workers, backend, max_connections=max_connections, control=control, throttle=throttle,
+                   metrics=metrics)
     policy = Policy(tls, _tls_context(tls, tls_certificates, tls_verify_peer), max_connections,
                     handshake_limit, shutdown_timeout)
     if socket is not None:
@@ -388,12 +396,70 @@ def serve(
     # A write past a file size limit then fails with EFBIG, an error for that one
     # request, instead of SIGXFSZ killing the server and every client with it.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout, control, limits,
-             metrics_address)
+    if workers > 1:
+        code = _serve_in_workers(workers, store, client, specs, listen, read_only, policy, pid_file, retry_timeout)
+        if code:
+            raise typer.Exit(code)
+    else:
+        trio.run(_serve, client, specs, listen, read_only, policy, pid_file, retry_timeout, control, limits,
+                 metrics_address)
     # Stopped cleanly: a late SIGTERM while the interpreter exits must not turn
     # that into death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _check_workers(workers: int, backend: Backend, **per_process: object) -> None:
+    if workers < 1:
+        raise CliError(f"invalid --workers {workers}: give 1 or more")
+    if workers == 1:
+        return
+    if backend is Backend.PUREFLASH:
+        raise CliError("--workers needs the emulated backend: several processes on one volume of a "
+                       "real cluster are not tried yet")
+    given = [f"--{name.replace('_', '-')}" for name, value in per_process.items() if value]
+    if given:
+        raise CliError(f"--workers cannot be combined with {', '.join(given)}: every worker would "
+                       "keep its own")
+
+
+def _serve_in_workers(
+    count: int, store: Store, client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool,
+    policy: Policy, pid_file: Path | None, retry_timeout: float,
+) -> int:
+    """`count` workers (`pfnbd/workers.py`) on listeners and writer locks of this process."""
+    listeners = trio.run(listen.open)
+    try:
+        for spec in specs:
+            volume, snapshot = split_snapshot_name(spec.name)
+            if not (read_only or snapshot):
+                store.hold_writer(volume)
+        cpus = sorted(PROCESS_CPUS)
+
+        def run_worker(index: int) -> int:
+            for handler in logging.getLogger().handlers:
+                handler.setFormatter(logging.Formatter(LOG_FORMAT.format(name=f"pfnbd[worker {index}]")))
+            return _reported(lambda: trio.run(partial(
+                _serve, client, specs, _Opened(listeners), read_only, policy, None, retry_timeout,
+                placement=Placement(cpus[index % len(cpus)]), partial_sectors=False, worker=index)))
+
+        def started() -> None:
+            log.info("%s", logfmt("serving", workers=count, listen=",".join(listen.describe(listeners))))
+            if pid_file is not None:
+                write_pid_file(pid_file)
+
+        def stopping() -> None:
+            # As one process does at SIGTERM: the socket stops listening (once the
+            # workers have closed theirs), and connection attempts are refused rather
+            # than queued for nobody.
+            for listener in listeners:
+                os.close(listener.socket.detach())  # trio's close needs a trio run
+
+        return supervise(count, run_worker, started, stopping)
+    finally:
+        listen.remove()
+        if pid_file is not None:
+            remove_pid_file(pid_file)
 
 
 def parse_limits(text: str) -> Limits:
@@ -527,10 +593,21 @@ class SystemdListen(Listen):
         return listeners
 
 
+@attrs.frozen
+class _Opened(Listen):
+    """A worker's listeners: its parent's, which the parent cleans up."""
+
+    listeners: list[trio.SocketListener]
+
+    async def open(self) -> list[trio.SocketListener]:
+        return self.listeners
+
+
 async def _serve(
     client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool, policy: Policy,
     pid_file: Path | None, retry_timeout: float, control_path: Path | None = None,
     limits: dict[str, Limits] | None = None, metrics_address: tuple[str, int] | None = None,
+    placement: Placement = Placement(), partial_sectors: bool = True, worker: int | None = None,
 ) -> None:
     shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
@@ -542,7 +619,7 @@ async def _serve(
     try:
         if control_path is not None:
             control_listener = await open_unix_listener(control_path)  # 0600 whatever the umask
-        async with open_exports(client, specs, read_only, retry_timeout) as exports:
+        async with open_exports(client, specs, read_only, retry_timeout, partial_sectors) as exports:
             server = Server(exports, policy)
             for export in exports:
                 export.throttle.set((limits or {}).get(export.info.name, Limits()))
@@ -562,12 +639,12 @@ async def _serve(
             async with ExportControl.open(server, exports, client, shutdown, read_only=read_only,
                                           retry_time_limit=retry_timeout) as export_control:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(Placement().run, shutdown)
+                    nursery.start_soon(placement.run, shutdown)
                     await nursery.start(server.run, listeners, shutdown)
                     if control_listener is not None:
                         await nursery.start(serve_control, control_listener, export_control, shutdown)
                     log.info("%s", logfmt(
-                        "serving", exports=",".join(spec.name for spec in specs),
+                        "serving", worker=worker, exports=",".join(spec.name for spec in specs),
                         listen=",".join(listen.describe(listeners)),
                         tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
                         max_connections=policy.max_connections, control=control_path,
@@ -739,19 +816,24 @@ def remove_pid_file(path: Path) -> None:
 
 def main() -> None:
     """Entry point: user mistakes end in one line on stderr, never a traceback."""
+    sys.exit(_reported(lambda: app(standalone_mode=False)))
+
+
+def _reported(run: Callable[[], object]) -> int:
+    """The exit code of `run()`: a user's mistake is one line on stderr."""
     try:
-        code = app(standalone_mode=False)
+        code = run()
     except UsageError as error:
-        _fail(error.format_message(), 2)
+        return _failed(error.format_message(), 2)
     except typer.Abort:
-        _fail("aborted", 130)
+        return _failed("aborted", 130)
     except (CliError, StoreError, ListenError, VolumeOpenError) as error:
-        _fail(str(error), 1)
+        return _failed(str(error), 1)
     except OSError as error:
-        _fail(f"{error.filename + ': ' if error.filename else ''}{error.strerror or error}", 1)
-    sys.exit(code if isinstance(code, int) else 0)
+        return _failed(f"{error.filename + ': ' if error.filename else ''}{error.strerror or error}", 1)
+    return code if isinstance(code, int) else 0
 
 
-def _fail(message: str, code: int) -> None:
+def _failed(message: str, code: int) -> int:
     print(f"pfnbd: error: {message}", file=sys.stderr)
-    sys.exit(code)
+    return code

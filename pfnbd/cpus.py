@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import trio
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,14 @@ def _look() -> tuple[dict[int, tuple[int, int]], int] | None:
         return None
 
 
+@attrs.frozen
 class Placement:
-    """Keeps the calling trio thread on one CPU, and moves it when it is crowded."""
+    """Keeps the calling trio thread on one CPU, and moves it when it is crowded.
+
+    It starts on `first_cpu` if that is one of the process's, else where it runs:
+    each of a server's workers is given its own (`pfnbd/workers.py`)."""
+
+    first_cpu: int = -1
 
     async def run(self, shutdown: trio.Event) -> None:
         """Until `shutdown` is set."""
@@ -175,7 +182,7 @@ class Placement:
 
     async def _keep(self) -> None:
         """Nothing to do with one CPU, or where CPUs cannot be told apart."""
-        on = current_cpu()
+        on = self.first_cpu if self.first_cpu in PROCESS_CPUS else current_cpu()
         if len(PROCESS_CPUS) < 2 or on not in PROCESS_CPUS:
             return
         self._move(on)

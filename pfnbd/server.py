@@ -87,15 +87,16 @@ class ExportSpec:
 @asynccontextmanager
 async def open_exports(
     client: VolumeClient, specs: Sequence[ExportSpec], read_only: bool,
-    retry_time_limit: float = RETRY_TIME_LIMIT,
+    retry_time_limit: float = RETRY_TIME_LIMIT, partial_sectors: bool = True,
 ) -> AsyncIterator[list[Export]]:
-    """Opens each volume once; every connection to it shares the one bridge."""
+    """Opens each volume once; every connection to it shares the one bridge.
+    `partial_sectors`: as `VolumeBridge` takes it."""
     bridges: list[VolumeBridge] = []
     try:
         exports = []
         for spec in specs:
             volume, snapshot = split_snapshot_name(spec.name)
-            bridge = VolumeBridge(client.open_volume(volume, snapshot), retry_time_limit)
+            bridge = VolumeBridge(client.open_volume(volume, snapshot), retry_time_limit, partial_sectors)
             bridges.append(bridge)
             exports.append(make_export(spec, bridge, read_only))
         yield exports

@@ -607,11 +607,18 @@ class VolumeBridge:
 
     Offsets and lengths are in bytes and need no alignment; bounds are the caller's
     to check (the library does not).  Errors raise `VolumeIOError`.
+
+    Without `partial_sectors` (other processes write the volume too), a write or
+    zeroing that is not whole sectors fails with EINVAL: its read-modify-write of an
+    edge sector is kept from other mutations of that sector only in this process, and
+    would lose another process's write to the rest of the sector.
     """
 
-    def __init__(self, backend: VolumeBackend, retry_time_limit: float = RETRY_TIME_LIMIT) -> None:
+    def __init__(self, backend: VolumeBackend, retry_time_limit: float = RETRY_TIME_LIMIT,
+                 partial_sectors: bool = True) -> None:
         self.backend = backend
         self.retry_time_limit = retry_time_limit
+        self.partial_sectors = partial_sectors
         self.size = backend.size
         self._inbox = _CompletionInbox(trio.lowlevel.current_trio_token())
         self._mutations = RangeLock()
@@ -747,8 +754,14 @@ class VolumeBridge:
         if self._flush_failure is not None:
             raise self._flush_failure
 
+    def _refuse_partial_sectors(self, offset: int, length: int) -> None:
+        if not (self.partial_sectors or self.whole_sectors(offset, length)):
+            raise VolumeIOError(-errno.EINVAL, f"{offset}+{length} is not whole {SECTOR}-byte sectors, "
+                                               "which a server with several workers cannot merge")
+
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         self._refuse_if_flush_failed()
+        self._refuse_partial_sectors(offset, len(data))
         start, end = align_down(offset), align_up(offset + len(data))
         async with self._mutations.hold(start, end):
             await self._write_locked(offset, [data])
@@ -774,6 +787,7 @@ class VolumeBridge:
         large the request, it keeps a range from other writers, and memory, only for
         as long as one piece takes."""
         self._refuse_if_flush_failed()
+        self._refuse_partial_sectors(offset, length)
         end = offset + length
         while offset < end:
             piece_end = min(end, align_down(offset) + ZERO_PIECE)

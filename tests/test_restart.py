@@ -100,12 +100,14 @@ print("acknowledged", flush=True)
 """
 
 
-def test_next_server_takes_the_socket_while_the_old_one_drains(start_server):
-    """The emulated cluster lets one process serve a volume, so the next server exports
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_next_server_takes_the_socket_while_the_old_one_drains(start_server, workers):
+    """The emulated cluster lets one server serve a volume, so the next server exports
     another one here; a real PureFlash cluster has no such lock, and there the next
     server may serve the same volume as soon as the old one stops listening."""
     # The write takes 8 s: long enough for the next server to start on a loaded machine.
-    old = start_server({"test_v1": "64M"}, "--inject-delay", "8", "--shutdown-timeout", "20")
+    old = start_server({"test_v1": "64M"}, "--inject-delay", "8", "--shutdown-timeout", "20",
+                       "--workers", workers)
     client = subprocess.Popen(["/usr/bin/python3", "-c", HELD_WRITE, old.uri()],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
