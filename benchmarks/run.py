@@ -1,7 +1,7 @@
 """Side-by-side benchmark: pfnbd against qemu-nbd (and nbdkit), same clients, same sizes.
 
     python benchmarks/run.py [--size 1G] [--rounds 3] [--runtime 10] [--quick]
-                             [--servers pfnbd,qemu-nbd,nbdkit] [--workloads ...] [--workdir DIR]
+                             [--servers pfnbd,pfnbd-workers,qemu-nbd,nbdkit] [--workloads ...] [--workdir DIR]
 
 Every server serves one export named `bench` of the same size over a Unix socket in a
 private temporary directory. Each round runs every workload against every server in turn
@@ -125,6 +125,11 @@ def pfnbd_command(server_dir: Path, socket: Path) -> list[str]:
     return pfnbd_argv("serve", "--volume", EXPORT, "--socket", str(socket))
 
 
+def pfnbd_workers_command(server_dir: Path, socket: Path) -> list[str]:
+    """pfnbd with a worker per CPU the harness may use."""
+    return [*pfnbd_command(server_dir, socket), "--workers", str(len(os.sched_getaffinity(0)))]
+
+
 def pfnbd_metrics_command(server_dir: Path, socket: Path) -> list[str]:
     """pfnbd with `--metrics` on a free loopback port, which `start_server` scrapes."""
     with stdlib_socket.socket() as probe:
@@ -162,6 +167,7 @@ class ServerKind:
 SERVER_KINDS = {
     kind.name: kind for kind in [
         ServerKind("pfnbd", (), create_pfnbd_volume, pfnbd_command, pfnbd_env, frozenset({0})),
+        ServerKind("pfnbd-workers", (), create_pfnbd_volume, pfnbd_workers_command, pfnbd_env, frozenset({0})),
         # What serving metrics costs: the same pfnbd, scraped as Prometheus would scrape it.
         ServerKind("pfnbd+metrics", (), create_pfnbd_volume, pfnbd_metrics_command, pfnbd_env,
                    frozenset({0}), scraped=True),
@@ -173,7 +179,7 @@ SERVER_KINDS = {
 }
 
 
-DEFAULT_SERVERS = ["pfnbd", "qemu-nbd", "nbdkit"]
+DEFAULT_SERVERS = ["pfnbd", "pfnbd-workers", "qemu-nbd", "nbdkit"]
 
 
 def die_with_parent() -> None:
@@ -232,23 +238,41 @@ class RunningServer:
         if self.process.poll() is not None:
             raise ClientFailed(f"{self.name} exited {self.process.returncode}: {self.log_tail()}")
 
-    def peak_rss_mib(self) -> float | None:
-        """VmHWM: the most resident memory the process has had since it started."""
+    def _processes(self) -> list[int]:
+        """The server's process and its children (`pfnbd serve --workers`' workers)."""
+        pid = self.process.pid
         try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
-            return None
-        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
-        return int(match.group(1)) / 1024 if match else None
+            children = []
+        return [pid, *map(int, children)]
+
+    def peak_rss_mib(self) -> float | None:
+        """VmHWM, the most resident memory a process has had since it started, summed
+        over the server's processes: for forked workers, which share their parent's
+        pages until they write them, more than they ever held at once."""
+        peaks = []
+        for pid in self._processes():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            if match := re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE):
+                peaks.append(int(match.group(1)) / 1024)
+        return sum(peaks) if peaks else None
 
     def cpu_seconds(self) -> float | None:
-        try:
-            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        except OSError:
-            return None
-        # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time of the server's processes still running."""
+        ticks = []
+        for pid in self._processes():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+            fields = stat.rsplit(")", 1)[1].split()
+            ticks.append(int(fields[11]) + int(fields[12]))
+        return sum(ticks) / os.sysconf("SC_CLK_TCK") if ticks else None
 
     def stop(self, timeout: float = 30) -> int:
         if self.scraper is not None:

@@ -63,8 +63,8 @@ def processes_mentioning(text: str) -> list[str]:
 
 def test_quick_run_prints_a_ratio_for_every_workload(tmp_path: Path) -> None:
     require("qemu-nbd", "nbdcopy", "nbdinfo", "fio")
-    result = run_harness("--quick", "--size", "8M", "--servers", "pfnbd,qemu-nbd",
-                         "--workdir", str(tmp_path), timeout=240)
+    result = run_harness("--quick", "--size", "8M", "--servers", "pfnbd,pfnbd-workers,qemu-nbd",
+                         "--workdir", str(tmp_path), timeout=300)
     assert result.returncode == 0, (f"harness exited {result.returncode}:\n"
                                     f"{result.stdout}\n{result.stderr}")
 
@@ -72,10 +72,10 @@ def test_quick_run_prints_a_ratio_for_every_workload(tmp_path: Path) -> None:
     assert [row["workload"] for row in rows] == WORKLOAD_LABELS
     for row in rows:
         assert row["unit"] in ("MiB/s", "IOPS"), row
-        assert re.fullmatch(r"\d+(\.\d+k)?", row["pfnbd"]), row
-        assert re.fullmatch(r"\d+(\.\d+k)?", row["qemu-nbd"]), row
-        assert float(row["pfnbd/qemu-nbd"]) > 0, row
-    assert re.search(r"^peak RSS \(VmHWM\): pfnbd \d+\.\d MiB, qemu-nbd \d+\.\d MiB$",
+        for server in ("pfnbd", "pfnbd-workers", "qemu-nbd"):
+            assert re.fullmatch(r"\d+(\.\d+k)?", row[server]), row
+        assert float(row["pfnbd/qemu-nbd"]) > 0 and float(row["pfnbd-workers/qemu-nbd"]) > 0, row
+    assert re.search(r"^peak RSS \(VmHWM\): pfnbd \d+\.\d MiB, pfnbd-workers \d+\.\d MiB, qemu-nbd \d+\.\d MiB$",
                      result.stdout, re.MULTILINE), result.stdout
     # The machine it came from, first: a table holds only for it.
     assert re.search(r"^machine: .+, \d+ CPUs, load average [\d.]+ at the end, [\d.]+% of the CPUs' time stolen", result.stdout, re.MULTILINE), result.stdout
