@@ -218,13 +218,14 @@ def test_kernel_nbd_client_across_a_server_restart(start_server, guests: GuestFa
     check_volume(server, tmp_path, raw, files)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_kernel_nbd_client_with_two_connections(start_server, guests: GuestFactory,
-                                                 tmp_path: Path):
+                                                 tmp_path: Path, workers: str):
     data = random.Random(8)
     raw = data.randbytes(4 * MIB)
     files = {"nbd": data.randbytes(MIB)}
     connections = 2  # and as many CPUs: blk-mq maps each CPU to one connection
-    server = start_server({VOLUME: f"{VOLUME_MIB}M"})
+    server = start_server({VOLUME: f"{VOLUME_MIB}M"}, "--workers", workers)
     relay_log = tmp_path / "relay.log"
     network = guest_network(server.socket, relay_log)
     plan = {**nbd_plan(), "NBD_CONNECTIONS": str(connections)}

@@ -95,6 +95,18 @@ h.shutdown()
     assert out.split("\n")[:3] == ["write EINVAL", "zero EINVAL", "aligned True"], out
 
 
+def test_qemu_merges_partial_sectors_itself_and_never_meets_the_refusal(start_server):
+    """QEMU's client takes the advertised minimum block size as its request alignment."""
+    server = start_server({"test_v1": "64M"}, *WORKERS)
+    result = run("qemu-io", "-f", "raw", server.uri(),
+                 "-c", "write -P 0x11 0 4096", "-c", "write -P 0x22 10 100", "-c", "write -z 1000 3000",
+                 "-c", "read -P 0x11 0 10", "-c", "read -P 0x22 10 100", "-c", "read -P 0x11 110 890",
+                 "-c", "read -P 0 1000 3000", "-c", "read -P 0x11 4000 96")
+    assert "failed" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert result.stdout.count("read ") == 5, result.stdout
+    assert "EINVAL" not in server.log()
+
+
 def test_sigterm_stops_every_worker_and_the_parent_cleans_up(start_server, tmp_path):
     pid_file = tmp_path / "pfnbd.pid"
     server = start_server({"test_v1": "64M"}, *WORKERS, "--pid-file", str(pid_file))
