@@ -36,7 +36,7 @@ from .throttle import BURSTS, LIMITS, Limits, ThrottleError
 from .tls import TlsConfigError, server_context
 from .transfer import export_cluster_volume, export_volume, import_cluster_volume, import_volume
 from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, RETRY_TIME_LIMIT, EmulatedClient, Faults, VolumeClient, VolumeOpenError
-from .workers import supervise
+from .workers import supervise, waited_signals
 
 log = logging.getLogger("pfnbd")
 
@@ -397,7 +397,9 @@ def serve(
     # request, instead of SIGXFSZ killing the server and every client with it.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if workers > 1:
-        code = _serve_in_workers(workers, store, client, specs, listen, read_only, policy, pid_file, retry_timeout)
+        with waited_signals():
+            code = _serve_in_workers(workers, store, client, specs, listen, read_only, policy, pid_file,
+                                     retry_timeout)
         if code:
             raise typer.Exit(code)
     else:
@@ -427,7 +429,8 @@ def _serve_in_workers(
     count: int, store: Store, client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool,
     policy: Policy, pid_file: Path | None, retry_timeout: float,
 ) -> int:
-    """`count` workers (`pfnbd/workers.py`) on listeners and writer locks of this process."""
+    """`count` workers (`pfnbd/workers.py`) on listeners and writer locks of this process;
+    called within `waited_signals`."""
     listeners = trio.run(listen.open)
     try:
         for spec in specs:

@@ -18,13 +18,14 @@ never returns into it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import attrs
 
@@ -44,13 +45,27 @@ class _Worker:
     started: float
 
 
+@contextlib.contextmanager
+def waited_signals() -> Iterator[None]:
+    """Holds the signals `supervise` waits for, from before the parent starts any thread
+    (trio may, to resolve a name): a thread that had them unblocked would take a
+    SIGTERM and die of it, instead of leaving it for `supervise`."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED_SIGNALS)
+    try:
+        yield
+    finally:
+        # The parent is on its way out: a signal still pending must not kill it now.
+        for signum in WAITED_SIGNALS - {signal.SIGCHLD}:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def supervise(count: int, run_worker: Callable[[int], int], on_started: Callable[[], None],
               on_stopping: Callable[[], None]) -> int:
     """Runs `run_worker(index)` in `count` forked processes until a stop signal; 0 once
-    all exited cleanly, 1 if one failed then or could not start.  In the parent,
-    `on_started` runs once the first workers are forked, `on_stopping` when they are
-    told to stop (no worker is started after it)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED_SIGNALS)
+    all exited cleanly, 1 if one failed then or could not start.  Called within
+    `waited_signals`.  In the parent, `on_started` runs once the first workers are
+    forked, `on_stopping` when they are told to stop (no worker is started after it)."""
     workers: dict[int, _Worker] = {}
     stopping, failed = False, False
 
@@ -96,7 +111,6 @@ def supervise(count: int, run_worker: Callable[[int], int], on_started: Callable
     finally:
         if workers:  # the parent itself failed: its workers must not outlive it
             _signal_all(workers, signal.SIGTERM)
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return 1 if failed else 0
 
 
