@@ -360,7 +360,7 @@ def serve(
         raise CliError(f"invalid --handshake-limit {handshake_limit}: give a number of seconds")
     if not shutdown_timeout >= 0:
         raise CliError(f"invalid --shutdown-timeout {shutdown_timeout}: give a number of seconds")
-    _check_workers(workers, backend, max_connections=max_connections, control=control, throttle=throttle,
+    _check_workers(workers, max_connections=max_connections, control=control, throttle=throttle,
                    metrics=metrics)
     policy = Policy(tls, _tls_context(tls, tls_certificates, tls_verify_peer), max_connections,
                     handshake_limit, shutdown_timeout)
@@ -398,8 +398,8 @@ def serve(
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if workers > 1:
         with waited_signals():
-            code = _serve_in_workers(workers, store, client, specs, listen, read_only, policy, pid_file,
-                                     retry_timeout)
+            code = _serve_in_workers(workers, None if backend is Backend.PUREFLASH else store, client, specs,
+                                     listen, read_only, policy, pid_file, retry_timeout)
         if code:
             raise typer.Exit(code)
     else:
@@ -411,14 +411,11 @@ def serve(
         signal.signal(signum, signal.SIG_IGN)
 
 
-def _check_workers(workers: int, backend: Backend, **per_process: object) -> None:
+def _check_workers(workers: int, **per_process: object) -> None:
     if workers < 1:
         raise CliError(f"invalid --workers {workers}: give 1 or more")
     if workers == 1:
         return
-    if backend is Backend.PUREFLASH:
-        raise CliError("--workers needs the emulated backend: several processes on one volume of a "
-                       "real cluster are not tried yet")
     given = [f"--{name.replace('_', '-')}" for name, value in per_process.items() if value]
     if given:
         raise CliError(f"--workers cannot be combined with {', '.join(given)}: every worker would "
@@ -426,14 +423,15 @@ def _check_workers(workers: int, backend: Backend, **per_process: object) -> Non
 
 
 def _serve_in_workers(
-    count: int, store: Store, client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool,
+    count: int, store: Store | None, client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool,
     policy: Policy, pid_file: Path | None, retry_timeout: float,
 ) -> int:
-    """`count` workers (`pfnbd/workers.py`) on listeners and writer locks of this process;
+    """`count` workers (`pfnbd/workers.py`) on listeners of this process and, with the
+    embedded cluster's `store`, its heads' writer locks (a real cluster has none);
     called within `waited_signals`."""
     listeners = trio.run(listen.open)
     try:
-        for spec in specs:
+        for spec in specs if store is not None else []:
             volume, snapshot = split_snapshot_name(spec.name)
             if not (read_only or snapshot):
                 store.hold_writer(volume)

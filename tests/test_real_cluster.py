@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -72,10 +73,11 @@ def test_unknown_volume_and_bad_configurations(real_cluster):
 # --- real clients through `pfnbd serve --backend pureflash` --------------------------
 
 
-def test_qemu_img_nbdinfo_and_nbdcopy_round_trip(real_cluster, serve_real, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_qemu_img_nbdinfo_and_nbdcopy_round_trip(real_cluster, serve_real, tmp_path, workers):
     size = 16 * MiB
     name = real_cluster.create_volume(size, prefix="copy")
-    server = serve_real(name)
+    server = serve_real(name, extra=("--workers", workers))
     uri = server.uri(name)
     source = tmp_path / "source.raw"
     with open(source, "wb") as f:  # data islands between holes, one unaligned
@@ -100,6 +102,8 @@ def test_qemu_img_nbdinfo_and_nbdcopy_round_trip(real_cluster, serve_real, tmp_p
     run("nbdcopy", uri, str(out), timeout=STEP_TIMEOUT)
     assert out.read_bytes() == second.read_bytes()
     assert server.stop() == 0
+    if workers == "2":  # each with its own library instance, one volume between them
+        assert set(re.findall(r"pfnbd\[worker (\d)\]: connection id=", server.log())) == {"0", "1"}, server.log()
     assert read_through(real_cluster.client().open_volume(name)) == second.read_bytes()
 
 

@@ -204,7 +204,6 @@ for h in handles:
     (["--workers", "0"], ["invalid --workers 0"]),
     (["--workers", "2", "--metrics", "9100", "--max-connections", "4"],
      ["--workers cannot be combined with", "--max-connections", "--metrics"]),
-    (["--workers", "2", "--backend", "pureflash", "--volume", "x"], ["--workers needs the emulated backend"]),
 ])
 def test_workers_with_what_each_would_keep_alone_are_refused_in_one_line(cli, tmp_path, args, words):
     result = run_serve_expecting_refusal(cli, "--socket", str(tmp_path / "s.sock"), *args)
