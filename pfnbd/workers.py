@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -116,6 +117,10 @@ def supervise(count: int, run_worker: Callable[[int], int], on_started: Callable
 
 def _fork(index: int, run_worker: Callable[[int], int]) -> int:
     parent = os.getpid()
+    # Out of the collector's reach, what the worker inherits stays shared with the
+    # parent: a full collection writes the header of every object it visits, and a
+    # child's first one copied 11 MiB of them (benchmarks/README.md, "Part 3").
+    gc.freeze()
     pid = os.fork()
     if pid:
         return pid
