@@ -7,7 +7,7 @@ Every server serves one export named `bench` of the same size over a Unix socket
 private temporary directory. Each round runs every workload against every server in turn
 (the server order rotates from round to round, so no server always goes first), then the
 medians over the rounds are printed as a table with the ratio of each server to qemu-nbd,
-followed by each server's peak RSS. See benchmarks/README.md.
+followed by each server's peak RSS and PSS. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -261,6 +261,19 @@ class RunningServer:
                 peaks.append(int(match.group(1)) / 1024)
         return sum(peaks) if peaks else None
 
+    def pss_mib(self) -> float | None:
+        """PSS now, summed over the server's processes: a page that n processes map counts
+        1/n in each, so what forked workers share with their parent counts once."""
+        sizes = []
+        for pid in self._processes():
+            try:
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue
+            if match := re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE):
+                sizes.append(int(match.group(1)) / 1024)
+        return sum(sizes) if sizes else None
+
     def cpu_seconds(self) -> float | None:
         """CPU time of the server's processes still running."""
         ticks = []
@@ -426,18 +439,21 @@ class Results:
     samples: dict[tuple[str, str], list[float]] = attrs.Factory(lambda: defaultdict(list))
     failures: dict[tuple[str, str], str] = attrs.Factory(dict)
     peak_rss_mib: dict[str, float] = attrs.Factory(dict)
+    largest_pss_mib: dict[str, float] = attrs.Factory(dict)  # of those read after each run
     cpu_seconds: dict[str, float] = attrs.Factory(dict)
     exit_codes: dict[str, int] = attrs.Factory(dict)
     # Runs kept although the host took more than --max-steal of the CPUs' time in each try.
     stolen: list[tuple[str, str, float]] = attrs.Factory(list)  # (server, workload key, share)
 
     def record_usage(self, server: RunningServer) -> None:
-        """Reads the server's peak RSS and CPU time while it runs; a server that has died
-        keeps the last values read."""
+        """Reads the server's peak RSS, PSS and CPU time while it runs; a server that has
+        died keeps the last values read."""
         for usage, value in ((self.peak_rss_mib, server.peak_rss_mib()),
                              (self.cpu_seconds, server.cpu_seconds())):
             if value is not None:
                 usage[server.name] = value
+        if (pss := server.pss_mib()) is not None:
+            self.largest_pss_mib[server.name] = max(pss, self.largest_pss_mib.get(server.name, 0))
 
     def median(self, server: str, workload: Workload) -> float | None:
         if (server, workload.key) in self.failures:
@@ -602,6 +618,8 @@ def report(results: Results, servers: list[str], workloads: list[Workload], benc
         lines.append(f"no ratios: {BASELINE} is not among --servers")
     lines.append("peak RSS (VmHWM): " + ", ".join(
         f"{server} {format_usage(results.peak_rss_mib.get(server), 'MiB')}" for server in servers))
+    lines.append("largest PSS read after a run: " + ", ".join(
+        f"{server} {format_usage(results.largest_pss_mib.get(server), 'MiB')}" for server in servers))
     lines.append("server CPU time: " + ", ".join(
         f"{server} {format_usage(results.cpu_seconds.get(server), 's')}" for server in servers))
     for server, workload_key, stolen in results.stolen:

@@ -75,8 +75,15 @@ def test_quick_run_prints_a_ratio_for_every_workload(tmp_path: Path) -> None:
         for server in ("pfnbd", "pfnbd-workers", "qemu-nbd"):
             assert re.fullmatch(r"\d+(\.\d+k)?", row[server]), row
         assert float(row["pfnbd/qemu-nbd"]) > 0 and float(row["pfnbd-workers/qemu-nbd"]) > 0, row
-    assert re.search(r"^peak RSS \(VmHWM\): pfnbd \d+\.\d MiB, pfnbd-workers \d+\.\d MiB, qemu-nbd \d+\.\d MiB$",
-                     result.stdout, re.MULTILINE), result.stdout
+    memory = {}
+    for line, name in (("peak RSS (VmHWM)", "rss"), ("largest PSS read after a run", "pss")):
+        found = re.search(rf"^{re.escape(line)}: pfnbd (\d+\.\d) MiB, pfnbd-workers (\d+\.\d) MiB, "
+                          r"qemu-nbd (\d+\.\d) MiB$", result.stdout, re.MULTILINE)
+        assert found, result.stdout
+        memory[name] = [float(size) for size in found.groups()]
+    # PSS counts once what the workers share with their parent; VmHWM sums it per process.
+    assert all(0 < pss <= rss for pss, rss in zip(memory["pss"], memory["rss"])), memory
+    assert memory["pss"][1] < memory["rss"][1], memory
     # The machine it came from, first: a table holds only for it.
     assert re.search(r"^machine: .+, \d+ CPUs, load average [\d.]+ at the end, [\d.]+% of the CPUs' time stolen", result.stdout, re.MULTILINE), result.stdout
     assert re.search(r"^kernel: Linux .+; Python: CPython 3\.", result.stdout, re.MULTILINE), result.stdout
