@@ -27,9 +27,9 @@ from .conductor import Conductor
 from .cpus import PROCESS_CPUS, Placement
 from .pureflash import DEFAULT_CONF, LIBRARY_ENV, MIN_IO_DEADLINE, PureFlashClient
 from .server import (
-    HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ExportSpec, ListenError, Policy, Server, listener_name, logfmt,
-    open_exports, open_tcp_listeners, open_unix_listener, remove_socket, SocketFile, socket_file,
-    systemd_listeners,
+    HANDSHAKE_TIMEOUT, SHUTDOWN_TIMEOUT, ConnectionShares, ExportSpec, ListenError, Policy, Server,
+    listener_name, logfmt, open_exports, open_tcp_listeners, open_unix_listener, remove_socket, SocketFile,
+    socket_file, systemd_listeners,
 )
 from .store import SUFFIX_SHIFT, Store, StoreError, human_size, split_snapshot_name
 from .throttle import BURSTS, LIMITS, Limits, ThrottleError
@@ -436,13 +436,15 @@ def _serve_in_workers(
             if not (read_only or snapshot):
                 store.hold_writer(volume)
         cpus = sorted(PROCESS_CPUS)
+        shares = ConnectionShares.shared(count)
 
         def run_worker(index: int) -> int:
             for handler in logging.getLogger().handlers:
                 handler.setFormatter(logging.Formatter(LOG_FORMAT.format(name=f"pfnbd[worker {index}]")))
             return _reported(lambda: trio.run(partial(
                 _serve, client, specs, _Opened(listeners), read_only, policy, None, retry_timeout,
-                placement=Placement(cpus[index % len(cpus)]), partial_sectors=False, worker=index)))
+                placement=Placement(cpus[index % len(cpus)]), partial_sectors=False, worker=index,
+                shares=shares.of_worker(index))))
 
         def started() -> None:
             log.info("%s", logfmt("serving", workers=count, listen=",".join(listen.describe(listeners))))
@@ -609,6 +611,7 @@ async def _serve(
     pid_file: Path | None, retry_timeout: float, control_path: Path | None = None,
     limits: dict[str, Limits] | None = None, metrics_address: tuple[str, int] | None = None,
     placement: Placement = Placement(), partial_sectors: bool = True, worker: int | None = None,
+    shares: ConnectionShares | None = None,
 ) -> None:
     shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
@@ -621,7 +624,7 @@ async def _serve(
         if control_path is not None:
             control_listener = await open_unix_listener(control_path)  # 0600 whatever the umask
         async with open_exports(client, specs, read_only, retry_timeout, partial_sectors) as exports:
-            server = Server(exports, policy)
+            server = Server(exports, policy, shares)
             for export in exports:
                 export.throttle.set((limits or {}).get(export.info.name, Limits()))
             stats.serving(server)

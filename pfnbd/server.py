@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import mmap
 import os
 import socket as stdlib_socket
 import ssl
@@ -44,6 +45,13 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to reach transmission
 SHUTDOWN_TIMEOUT = 5.0  # seconds in-flight requests get at shutdown before ESHUTDOWN
 CLOSE_TIMEOUT = 2.0  # seconds a closing connection gets to send its TLS close_notify
 ACCEPT_RETRY_DELAY = 0.1  # seconds between accepts while descriptors run out
+SHARES_POLL = 0.001  # seconds between looks at the other workers' connection counts
+SHARES_LIMIT = 0.05  # seconds at most a worker leaves a connection for one with fewer
+# accept(2): a connection that failed while queued (reset, refused by a firewall, or one
+# of the network errors Linux passes on): its own failure, not the listener's.
+FAILED_IN_QUEUE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+                             errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                             errno.ENETUNREACH})
 BACKLOG = 128
 SOCKET_MODE = 0o600  # Unix sockets: only the server's user may connect
 SD_LISTEN_FDS_START = 3  # systemd passes sockets from this descriptor on
@@ -52,6 +60,56 @@ PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 class ListenError(Exception):
     pass
+
+
+@attrs.frozen
+class ConnectionShares:
+    """How many connections each worker of `pfnbd serve --workers` has open, in memory
+    its forked workers share, so that a connection goes to a worker with fewer.  The
+    kernel wakes every worker waiting on the listener, and the first to run would take
+    it: often three of fio's four connections on one.  Slot `index` is written by that
+    worker alone (its `Server`); the others only read it."""
+
+    counts: memoryview  # one int64 a worker
+    index: int = 0
+
+    @classmethod
+    def shared(cls, workers: int) -> ConnectionShares:
+        """In the parent, before it forks: every worker maps the same page."""
+        return cls(memoryview(mmap.mmap(-1, 8 * workers)).cast("q"))
+
+    def of_worker(self, index: int) -> ConnectionShares:
+        return attrs.evolve(self, index=index)
+
+    def publish(self, open_connections: int) -> None:
+        self.counts[self.index] = open_connections
+
+    def _another_has_fewer(self) -> bool:
+        mine = self.counts[self.index]
+        return any(count < mine for index, count in enumerate(self.counts) if index != self.index)
+
+    async def accept(self, listener: trio.SocketListener) -> trio.SocketStream:
+        """The next connection this worker takes.  While another worker has fewer, one
+        waiting is left to it, for at most SHARES_LIMIT: it may be busy, or restarting."""
+        while True:
+            await trio.lowlevel.wait_readable(listener.socket)
+            with trio.move_on_after(SHARES_LIMIT):
+                while self._another_has_fewer():
+                    await trio.sleep(SHARES_POLL)
+            # Not trio's accept, which would wait, and take the next connection unasked,
+            # if another worker took this one meanwhile.
+            view = stdlib_socket.socket(fileno=listener.socket.fileno())
+            try:
+                accepted, _ = view.accept()
+            except BlockingIOError:
+                continue
+            except OSError as error:
+                if error.errno in FAILED_IN_QUEUE:
+                    continue
+                raise
+            finally:
+                view.detach()
+            return trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
 
 
 @attrs.frozen
@@ -192,7 +250,8 @@ HANDSHAKE_NOT_FAILED = ("closed in negotiation", "closed by server shutdown", EX
 
 
 class Server:
-    def __init__(self, exports: Sequence[Export], policy: Policy = Policy()) -> None:
+    def __init__(self, exports: Sequence[Export], policy: Policy = Policy(),
+                 shares: ConnectionShares | None = None) -> None:
         # Exports can be added and removed at run time (the control socket).  `_infos`
         # is what negotiations look names up in, live; `_exports` also holds the
         # exports withdrawn from it whose connections are still ending.
@@ -206,6 +265,9 @@ class Server:
         self._accepted = 0
         self._refused = 0
         self._failed_handshakes = 0
+        self._shares = shares
+        if shares is not None:  # a restarted worker's slot still has its predecessor's count
+            shares.publish(0)
 
     async def run(
         self,
@@ -241,7 +303,7 @@ class Server:
         async with listener:
             while True:
                 try:
-                    stream = await listener.accept()
+                    stream = await (listener.accept() if self._shares is None else self._shares.accept(listener))
                 except OSError as error:
                     # Out of descriptors or memory: the listener stays, and we retry.
                     log.error("accept failed: %s", error.strerror or error)
@@ -262,6 +324,7 @@ class Server:
             return
         self._accepted += 1
         self._connections.add(connection)
+        self._publish_count()
         log.debug("%s", logfmt("accepted", id=connection.number, **connection.peer))
         outcome = "closed"
         try:
@@ -279,11 +342,16 @@ class Server:
         finally:
             await _close(connection.channel.stream)
             self._connections.discard(connection)
+            self._publish_count()
             self._connections_changed.unpark_all()
             if connection.transmission is None and outcome not in HANDSHAKE_NOT_FAILED:
                 self._failed_handshakes += 1
             self._add_to_totals(connection)
             log.info("%s", _summary(connection, outcome))
+
+    def _publish_count(self) -> None:
+        if self._shares is not None:
+            self._shares.publish(len(self._connections))
 
     async def _negotiate_and_serve(self, connection: _Connection) -> str:
         negotiation = Negotiation(self._infos, self._policy.tls_mode)

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,28 @@ print("ok")
     assert out.strip() == "ok"
     wait_for(lambda: len(server.log().split("connection id=")) > CONNECTIONS, "the connections' log lines")
     assert served_by(server) == {"0", "1"}, server.log()
+
+
+def test_each_new_connection_goes_to_a_worker_with_fewer(start_server):
+    """Left to the kernel, a connection goes to whichever worker runs first, and one
+    worker often took three of fio's four."""
+    server = start_server({"test_v1": "64M"}, *WORKERS)
+    wait_for_workers(server)
+    out = run_libnbd(f"""
+import nbd, sys
+handles = []
+for i in range({CONNECTIONS}):  # one after another, each open until the end
+    h = nbd.NBD()
+    h.connect_uri(sys.argv[1])
+    handles.append(h)
+for h in handles:
+    h.shutdown()
+print("ok")
+""", server.uri())
+    assert out.strip() == "ok"
+    wait_for(lambda: len(server.log().split("connection id=")) > CONNECTIONS, "the connections' log lines")
+    taken = re.findall(r"pfnbd\[worker (\d+)\]: connection id=", server.log())
+    assert sorted(Counter(taken).values()) == [CONNECTIONS // 2] * 2, server.log()
 
 
 def test_a_write_of_part_of_a_sector_is_refused_with_workers(start_server):
