@@ -251,26 +251,23 @@ class RunningServer:
         """VmHWM, the most resident memory a process has had since it started, summed
         over the server's processes: for forked workers, which share their parent's
         pages until they write them, more than they ever held at once."""
-        peaks = []
-        for pid in self._processes():
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            if match := re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE):
-                peaks.append(int(match.group(1)) / 1024)
-        return sum(peaks) if peaks else None
+        return self._summed_mib("status", "VmHWM")
 
     def pss_mib(self) -> float | None:
         """PSS now, summed over the server's processes: a page that n processes map counts
         1/n in each, so what forked workers share with their parent counts once."""
+        return self._summed_mib("smaps_rollup", "Pss")
+
+    def _summed_mib(self, proc_file: str, field: str) -> float | None:
+        """A `FIELD:  N kB` line of /proc/PID/PROC_FILE, summed over the server's
+        processes still running; None when none was read."""
         sizes = []
         for pid in self._processes():
             try:
-                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                text = Path(f"/proc/{pid}/{proc_file}").read_text()
             except OSError:
                 continue
-            if match := re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE):
+            if match := re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE):
                 sizes.append(int(match.group(1)) / 1024)
         return sum(sizes) if sizes else None
 
