@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -21,6 +20,7 @@ from realcluster import CLUSTER_TIMEOUT, STEP_TIMEOUT, cluster_script
 from test_contract import read_through
 from test_pureflash import pattern
 from test_cpus import TWO_CPUS, cpu_set, threads
+from test_workers import served_by
 from pfnbd.cpus import PROCESS_CPUS
 from pfnbd.pureflash import PfClientVolumeInfo
 from pfnbd.volume import VolumeOpenError
@@ -103,7 +103,7 @@ def test_qemu_img_nbdinfo_and_nbdcopy_round_trip(real_cluster, serve_real, tmp_p
     assert out.read_bytes() == second.read_bytes()
     assert server.stop() == 0
     if workers == "2":  # each with its own library instance, one volume between them
-        assert set(re.findall(r"pfnbd\[worker (\d)\]: connection id=", server.log())) == {"0", "1"}, server.log()
+        assert served_by(server) == {"0", "1"}, server.log()
     assert read_through(real_cluster.client().open_volume(name)) == second.read_bytes()
 
 

@@ -33,9 +33,14 @@ def worker_pids(server) -> list[int]:
     return sorted(map(int, children.split()))
 
 
+def connections_per_worker(server) -> Counter[str]:
+    """How many finished connections each worker logged."""
+    return Counter(re.findall(r"pfnbd\[worker (\d+)\]: connection id=", server.log()))
+
+
 def served_by(server) -> set[str]:
     """The workers that logged a finished connection."""
-    return set(re.findall(r"pfnbd\[worker (\d+)\]: connection id=", server.log()))
+    return set(connections_per_worker(server))
 
 
 def alive(pid: int) -> bool:
@@ -119,8 +124,7 @@ print("ok")
 """, server.uri())
     assert out.strip() == "ok"
     wait_for(lambda: len(server.log().split("connection id=")) > CONNECTIONS, "the connections' log lines")
-    taken = re.findall(r"pfnbd\[worker (\d+)\]: connection id=", server.log())
-    assert sorted(Counter(taken).values()) == [CONNECTIONS // 2] * 2, server.log()
+    assert sorted(connections_per_worker(server).values()) == [CONNECTIONS // 2] * 2, server.log()
 
 
 def test_a_write_of_part_of_a_sector_is_refused_with_workers(start_server):
