@@ -431,10 +431,11 @@ def _serve_in_workers(
     called within `waited_signals`."""
     listeners = trio.run(listen.open)
     try:
-        for spec in specs if store is not None else []:
-            volume, snapshot = split_snapshot_name(spec.name)
-            if not (read_only or snapshot):
-                store.hold_writer(volume)
+        if store is not None:
+            for spec in specs:
+                volume, snapshot = split_snapshot_name(spec.name)
+                if not (read_only or snapshot):
+                    store.hold_writer(volume)
         cpus = sorted(PROCESS_CPUS)
         shares = ConnectionShares.shared(count)
 
