@@ -9,10 +9,12 @@ import logging
 import os
 import re
 import signal
+import socket as stdlib_socket
 import ssl
 import sys
 from collections.abc import Callable
 from functools import partial
+from http.server import HTTPServer
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -36,6 +38,7 @@ from .throttle import BURSTS, LIMITS, Limits, ThrottleError
 from .tls import TlsConfigError, server_context
 from .transfer import export_cluster_volume, export_volume, import_cluster_volume, import_volume
 from .volume import DEFAULT_IO_DEPTH, PF_MAX_IO_DEPTH, RETRY_TIME_LIMIT, EmulatedClient, Faults, VolumeClient, VolumeOpenError
+from .worker_stats import WorkerStats, answer_queries
 from .workers import supervise, waited_signals
 
 log = logging.getLogger("pfnbd")
@@ -360,8 +363,7 @@ def serve(
         raise CliError(f"invalid --handshake-limit {handshake_limit}: give a number of seconds")
     if not shutdown_timeout >= 0:
         raise CliError(f"invalid --shutdown-timeout {shutdown_timeout}: give a number of seconds")
-    _check_workers(workers, max_connections=max_connections, control=control, throttle=throttle,
-                   metrics=metrics)
+    _check_workers(workers, max_connections=max_connections, control=control, throttle=throttle)
     policy = Policy(tls, _tls_context(tls, tls_certificates, tls_verify_peer), max_connections,
                     handshake_limit, shutdown_timeout)
     if socket is not None:
@@ -399,7 +401,7 @@ def serve(
     if workers > 1:
         with waited_signals():
             code = _serve_in_workers(workers, None if backend is Backend.PUREFLASH else store, client, specs,
-                                     listen, read_only, policy, pid_file, retry_timeout)
+                                     listen, read_only, policy, pid_file, retry_timeout, metrics_address)
         if code:
             raise typer.Exit(code)
     else:
@@ -424,13 +426,23 @@ def _check_workers(workers: int, **per_process: object) -> None:
 
 def _serve_in_workers(
     count: int, store: Store | None, client: VolumeClient, specs: list[ExportSpec], listen: Listen, read_only: bool,
-    policy: Policy, pid_file: Path | None, retry_timeout: float,
+    policy: Policy, pid_file: Path | None, retry_timeout: float, metrics_address: tuple[str, int] | None,
 ) -> int:
     """`count` workers (`pfnbd/workers.py`) on listeners of this process and, with the
     embedded cluster's `store`, its heads' writer locks (a real cluster has none);
-    called within `waited_signals`."""
+    called within `waited_signals`.  `/metrics`, if asked for, is the parent's: the
+    sum of the workers' counters (`pfnbd/worker_stats.py`)."""
     listeners = trio.run(listen.open)
+    worker_stats = metrics_server = None
     try:
+        if metrics_address is not None:
+            from .metrics import serve_worker_metrics  # as in `_serve`: only when asked for
+
+            worker_stats = WorkerStats()
+            # Before the fork, for a port in use to fail at once.  Its thread, blocking
+            # the signals `supervise` waits for, is the parent's only one; a worker
+            # closes its copy of the listening socket.
+            metrics_server = _serve_metrics(partial(serve_worker_metrics, worker_stats), metrics_address)
         if store is not None:
             for spec in specs:
                 volume, snapshot = split_snapshot_name(spec.name)
@@ -440,15 +452,20 @@ def _serve_in_workers(
         shares = ConnectionShares.shared(count)
 
         def run_worker(index: int) -> int:
+            stats_link = None
+            if metrics_server is not None:
+                metrics_server.socket.close()
+                stats_link = worker_stats.worker_end()
             for handler in logging.getLogger().handlers:
                 handler.setFormatter(logging.Formatter(LOG_FORMAT.format(name=f"pfnbd[worker {index}]")))
             return _reported(lambda: trio.run(partial(
                 _serve, client, specs, _Opened(listeners), read_only, policy, None, retry_timeout,
                 placement=Placement(cpus[index % len(cpus)]), partial_sectors=False, worker=index,
-                shares=shares.of_worker(index))))
+                shares=shares.of_worker(index), stats_link=stats_link)))
 
         def started() -> None:
-            log.info("%s", logfmt("serving", workers=count, listen=",".join(listen.describe(listeners))))
+            log.info("%s", logfmt("serving", workers=count, listen=",".join(listen.describe(listeners)),
+                                  metrics=_described(metrics_server)))
             if pid_file is not None:
                 write_pid_file(pid_file)
 
@@ -459,8 +476,11 @@ def _serve_in_workers(
             for listener in listeners:
                 os.close(listener.socket.detach())  # trio's close needs a trio run
 
-        return supervise(count, run_worker, started, stopping)
+        return supervise(count, run_worker, started, stopping,
+                         contextlib.nullcontext if worker_stats is None else worker_stats.forking)
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         listen.remove()
         if pid_file is not None:
             remove_pid_file(pid_file)
@@ -612,7 +632,7 @@ async def _serve(
     pid_file: Path | None, retry_timeout: float, control_path: Path | None = None,
     limits: dict[str, Limits] | None = None, metrics_address: tuple[str, int] | None = None,
     placement: Placement = Placement(), partial_sectors: bool = True, worker: int | None = None,
-    shares: ConnectionShares | None = None,
+    shares: ConnectionShares | None = None, stats_link: stdlib_socket.socket | None = None,
 ) -> None:
     shutdown = trio.Event()
     # Signals are caught before the socket appears: a client that sees the socket
@@ -634,11 +654,7 @@ async def _serve(
                 # about 2 MiB of a server whose peak is near 54 MiB (benchmarks/README.md).
                 from .metrics import serve_metrics
 
-                try:
-                    metrics_server = serve_metrics(server, *metrics_address)
-                except OSError as error:
-                    raise ListenError(f"cannot serve metrics on {metrics_address[0]}:{metrics_address[1]}: "
-                                      f"{error.strerror or error}") from None
+                metrics_server = _serve_metrics(partial(serve_metrics, server), metrics_address)
             if pid_file is not None:  # once it can take our signals
                 write_pid_file(pid_file)
             async with ExportControl.open(server, exports, client, shutdown, read_only=read_only,
@@ -648,12 +664,14 @@ async def _serve(
                     await nursery.start(server.run, listeners, shutdown)
                     if control_listener is not None:
                         await nursery.start(serve_control, control_listener, export_control, shutdown)
+                    if stats_link is not None:
+                        nursery.start_soon(answer_queries, server, stats_link, shutdown)
                     log.info("%s", logfmt(
                         "serving", worker=worker, exports=",".join(spec.name for spec in specs),
                         listen=",".join(listen.describe(listeners)),
                         tls=policy.tls_mode.value, read_only="yes" if read_only else "no",
                         max_connections=policy.max_connections, control=control_path,
-                        metrics=None if metrics_server is None else "{}:{}".format(*metrics_server.server_address)))
+                        metrics=_described(metrics_server)))
             _log_lines(server.stats())
     finally:
         if metrics_server is not None:
@@ -663,6 +681,17 @@ async def _serve(
             remove_socket(control_path)
         if pid_file is not None:
             remove_pid_file(pid_file)
+
+
+def _serve_metrics(serve: Callable[[str, int], HTTPServer], address: tuple[str, int]) -> HTTPServer:
+    try:
+        return serve(*address)
+    except OSError as error:
+        raise ListenError(f"cannot serve metrics on {address[0]}:{address[1]}: {error.strerror or error}") from None
+
+
+def _described(metrics_server: HTTPServer | None) -> str | None:
+    return None if metrics_server is None else "{}:{}".format(*metrics_server.server_address)
 
 
 ControlOption = Annotated[Path, typer.Option("--control", "-c", help="The server's --control socket.")]

@@ -6,12 +6,13 @@ totals of ended connections.  A custom collector sums them at scrape time, so
 serving metrics costs the data path nothing beyond that counting.
 prometheus_client answers scrapes in a thread of its own; the collector takes its
 snapshot in trio's thread (through the trio token), never reading the server's
-tables while trio changes them.
+tables while trio changes them.  The parent of `--workers` serves the sum of its
+workers' snapshots (`pfnbd/worker_stats.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import accumulate
 
 import trio
@@ -22,8 +23,8 @@ from prometheus_client.utils import floatToGoString
 from . import protocol as p
 from .counters import ANSWERED_COMMANDS, COMMAND_NAMES, DURATION_BOUNDS
 from .server import ExportStats, Server, ServerStats
+from .worker_stats import WorkerStats
 
-SCRAPE_TIMEOUT = 10.0  # seconds a scrape waits for trio's thread
 BUCKET_LABELS = [*map(floatToGoString, DURATION_BOUNDS), "+Inf"]
 
 
@@ -35,15 +36,8 @@ def _error_name(error: int) -> str:
 
 
 class ServerCollector:
-    def __init__(self, server: Server, token: trio.lowlevel.TrioToken) -> None:
-        self._server = server
-        self._token = token
-
-    def _snapshot(self) -> ServerStats | None:
-        try:
-            return trio.from_thread.run_sync(self._server.snapshot, trio_token=self._token)
-        except trio.RunFinishedError:
-            return None  # the server is gone: an empty scrape
+    def __init__(self, snapshot: Callable[[], ServerStats | None]) -> None:
+        self._snapshot = snapshot  # None: the server is gone, an empty scrape
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._snapshot()
@@ -109,7 +103,24 @@ def _backend_metrics(exports: list[ExportStats]) -> Iterator[Metric]:
 
 def serve_metrics(server: Server, host: str, port: int):
     """Starts the HTTP server in its own thread; returns it (`shutdown()` stops it)."""
+    token = trio.lowlevel.current_trio_token()
+
+    def snapshot() -> ServerStats | None:
+        try:
+            return trio.from_thread.run_sync(server.snapshot, trio_token=token)
+        except trio.RunFinishedError:
+            return None
+
+    return _serve(snapshot, host, port)
+
+
+def serve_worker_metrics(workers: WorkerStats, host: str, port: int):
+    """As `serve_metrics`, in the parent of `--workers`: their counters summed."""
+    return _serve(workers.snapshot, host, port)
+
+
+def _serve(snapshot: Callable[[], ServerStats | None], host: str, port: int):
     registry = CollectorRegistry()
-    registry.register(ServerCollector(server, trio.lowlevel.current_trio_token()))
+    registry.register(ServerCollector(snapshot))
     http_server, _thread = start_http_server(port, host, registry=registry)
     return http_server

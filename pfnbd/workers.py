@@ -10,10 +10,11 @@ benchmarks/README.md ("Part 3") and enforced below this layer: the kernel's page
 and writeback errors are per file, a chunk is preserved under a lock on the map
 (`pfnbd/store.py`), and a write of part of a sector is refused (`VolumeBridge`).
 
-The parent serves nothing.  It forwards SIGTERM, SIGINT (as SIGTERM) and SIGUSR1 to
-every worker, starts a worker again when one dies, and returns once every worker has
-exited after a stop signal.  Owner: the parent's one thread runs `supervise`; a worker
-never returns into it.
+The parent serves no client (its `/metrics` sums the workers': `pfnbd/worker_stats.py`).
+It forwards SIGTERM, SIGINT (as SIGTERM) and SIGUSR1 to every worker, starts a worker
+again when one dies, and returns once every worker has exited after a stop signal.
+Owner: the parent's main thread runs `supervise` (the metrics server's threads touch
+only `WorkerStats`); a worker never returns into it.
 """
 
 from __future__ import annotations
@@ -62,16 +63,21 @@ def waited_signals() -> Iterator[None]:
 
 
 def supervise(count: int, run_worker: Callable[[int], int], on_started: Callable[[], None],
-              on_stopping: Callable[[], None]) -> int:
+              on_stopping: Callable[[], None],
+              forking: Callable[[int], contextlib.AbstractContextManager] = lambda index: contextlib.nullcontext(),
+              ) -> int:
     """Runs `run_worker(index)` in `count` forked processes until a stop signal; 0 once
     all exited cleanly, 1 if one failed then or could not start.  Called within
     `waited_signals`.  In the parent, `on_started` runs once the first workers are
-    forked, `on_stopping` when they are told to stop (no worker is started after it)."""
+    forked, `on_stopping` when they are told to stop (no worker is started after it).
+    Each fork of worker `index` happens within `forking(index)`, which its child
+    never leaves."""
     workers: dict[int, _Worker] = {}
     stopping, failed = False, False
 
     def start(index: int) -> None:
-        pid = _fork(index, run_worker)
+        with forking(index):
+            pid = _fork(index, run_worker)
         workers[pid] = _Worker(index, time.monotonic())
         log.debug("worker %d started, pid %d", index, pid)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -13,13 +15,15 @@ import urllib.request
 
 import pytest
 
-from conftest import SYSTEM_PYTHON, require, run, run_libnbd
+from conftest import SYSTEM_PYTHON, require, run, run_libnbd, wait_for
 from test_control import WRITES_IN_FLIGHT, add_export, controlled, execute  # noqa: F401 (a fixture)
 from test_libnbd_clients import LIBNBD_HELPERS
 from test_cli import free_loopback_port, hold_connection
 from test_qemu_clients import qemu_io
+from test_workers import WORKERS, served_by, wait_for_workers, worker_pids
 
 from pfnbd.counters import ANSWERED_COMMANDS, COMMAND_NAMES
+from pfnbd.workers import MIN_LIFETIME
 
 KiB = 1 << 10
 SCRAPE_TIMEOUT = 60  # seconds for Prometheus to start and scrape what we expect
@@ -124,7 +128,8 @@ def test_prometheus_sees_the_requests_in_flight(start_server, prometheus):
     wait_for_values(query, "pfnbd_requests_in_flight", {(("export", "test_v1"),): 0})
 
 
-def test_metrics_mistakes_get_one_line(cli, tmp_path):
+@pytest.mark.parametrize("processes", [[], WORKERS], ids=["one-process", "workers"])
+def test_metrics_mistakes_get_one_line(cli, tmp_path, processes):
     cli.run("volume", "create", "test_v1", "--size", "16M")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -132,7 +137,7 @@ def test_metrics_mistakes_get_one_line(cli, tmp_path):
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
         for value, words in [("port", "[ADDR:]PORT"), ("70000", "[ADDR:]PORT"), (busy, "cannot serve metrics")]:
             result = cli.run("serve", "--socket", str(tmp_path / "nbd.sock"), "--volume", "test_v1",
-                             "--metrics", value, check=False)
+                             "--metrics", value, *processes, check=False)
             lines = result.stderr.strip().splitlines()
             assert result.returncode == 1 and len(lines) == 1 and words in lines[0], result.stderr
             assert not (tmp_path / "nbd.sock").exists()
@@ -254,3 +259,47 @@ def test_prometheus_counts_the_backends_resubmits_and_retries(start_server, prom
     assert eagain > 0, "32 writes at once on io_depth 1 met no -EAGAIN"
     # Each request submitted once, each -EAGAIN and each retry at least once more.
     assert submits >= 2 * count + eagain + retries, (submits, eagain, retries)
+
+
+# Two connections open at once, each on its own worker (a worker with more connections
+# leaves the next to the other), each writing and reading its own 64 KiB.
+TWO_WORKERS_TRAFFIC = """
+import nbd, sys
+first, second = nbd.NBD(), nbd.NBD()
+first.connect_uri(sys.argv[1])
+second.connect_uri(sys.argv[1])
+first.pwrite(b"a" * 65536, 0)
+second.pwrite(b"b" * 65536, 65536)
+assert first.pread(65536, 65536) == b"b" * 65536
+second.flush()
+first.shutdown()
+second.shutdown()
+"""
+
+
+def test_prometheus_scrapes_the_sum_of_the_workers_counters_and_keeps_a_dead_ones(start_server, prometheus):
+    metrics_port = free_loopback_port()
+    server = start_server({"test_v1": "16M"}, *WORKERS, "--metrics", f"127.0.0.1:{metrics_port}")
+    wait_for_workers(server)
+    query = prometheus(f"127.0.0.1:{metrics_port}")
+    run_libnbd(TWO_WORKERS_TRAFFIC, server.uri())
+    wait_for(lambda: len(server.log().split("connection id=")) > 2, "the connections' log lines")
+    assert served_by(server) == {"0", "1"}, server.log()
+
+    test_v1 = (("export", "test_v1"),)
+    expected = [("pfnbd_bytes_written_total", {test_v1: 128 * KiB}),
+                ("pfnbd_bytes_read_total", {test_v1: 64 * KiB}),
+                ("pfnbd_requests_total", per_command("test_v1", {"write": 2, "read": 1, "flush": 1})),
+                ("pfnbd_connections_accepted_total", {(): 2})]
+    for expression, values in expected:
+        wait_for_values(query, expression, values)
+
+    # A worker killed and started again: what it counted stays in the sums.
+    time.sleep(MIN_LIFETIME)  # past the supervisor's start-up grace
+    killed = worker_pids(server)[0]
+    os.kill(killed, signal.SIGKILL)
+    wait_for(lambda: len(worker_pids(server)) == 2 and killed not in worker_pids(server), "a new worker")
+    run_libnbd(TWO_WORKERS_TRAFFIC, server.uri())
+    for expression, values in expected:
+        wait_for_values(query, expression, {labels: 2 * value for labels, value in values.items()})
+    wait_for_values(query, "pfnbd_connections", {test_v1: 0})

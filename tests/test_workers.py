@@ -259,8 +259,8 @@ for h in handles:
 
 @pytest.mark.parametrize("args, words", [
     (["--workers", "0"], ["invalid --workers 0"]),
-    (["--workers", "2", "--metrics", "9100", "--max-connections", "4"],
-     ["--workers cannot be combined with", "--max-connections", "--metrics"]),
+    (["--workers", "2", "--control", "c.sock", "--max-connections", "4"],
+     ["--workers cannot be combined with", "--max-connections", "--control"]),
 ])
 def test_workers_with_what_each_would_keep_alone_are_refused_in_one_line(cli, tmp_path, args, words):
     result = run_serve_expecting_refusal(cli, "--socket", str(tmp_path / "s.sock"), *args)
