@@ -12,7 +12,8 @@ is gone (what it counted after the last scrape is lost with it).  Its open
 connections and requests in flight went with it.
 
 A link is private to the parent and one of its forks, so what travels on it is a
-pickle.
+pickle.  Queries are numbered and each answer carries its query's number: an answer
+that came too late for its scrape is told from the next one's and dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pickle
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 import attrs
@@ -31,10 +33,10 @@ from .counters import RequestCounters
 from .server import ExportStats, Server, ServerStats
 from .volume import BackendCounters
 
-QUERY = b"?"
-ANSWER_LENGTH = struct.Struct("<Q")
-# A worker answers from trio's thread between requests: far within this, unless it
-# hangs, and then a scrape must not hang with it.
+QUERY = struct.Struct("<Q")  # its number
+ANSWER_HEAD = struct.Struct("<QQ")  # the query's number, the pickle's length
+# A worker answers from trio's thread between requests: far within this, unless it is
+# stalled, and then a scrape must not stall with it (it shows the worker's last counts).
 QUERY_TIMEOUT = 5.0
 
 NO_STATS = ServerStats(0, 0, 0, 0, [])
@@ -78,9 +80,56 @@ async def answer_queries(server: Server, link: socket.socket, shutdown: trio.Eve
 
 async def _answer(server: Server, stream: trio.SocketStream) -> None:
     async with stream:
-        while await stream.receive_some(len(QUERY)):
-            answer = pickle.dumps(server.snapshot())
-            await stream.send_all(ANSWER_LENGTH.pack(len(answer)) + answer)
+        received = bytearray()
+        while chunk := await stream.receive_some():
+            received += chunk
+            while len(received) >= QUERY.size:
+                (number,) = QUERY.unpack_from(received)
+                del received[: QUERY.size]
+                answer = pickle.dumps(server.snapshot())
+                await stream.send_all(ANSWER_HEAD.pack(number, len(answer)) + answer)
+
+
+class Link:
+    """The parent's end of one worker's link."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+        self._received = bytearray()  # answers, or parts of them, not taken yet
+        self._asked = 0  # the number of the last query
+
+    def ask(self, timeout: float) -> ServerStats:
+        """The worker's stats now; TimeoutError if it does not answer in `timeout`
+        seconds (its answer, when it comes, is dropped), EOFError or another OSError
+        once it is gone."""
+        self._asked += 1
+        self.socket.settimeout(timeout)
+        self.socket.sendall(QUERY.pack(self._asked))
+        deadline = time.monotonic() + timeout
+        while True:
+            while (answer := self._next_answer()) is not None:
+                number, pickled = answer
+                if number == self._asked:
+                    return pickle.loads(pickled)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no answer in {timeout} s")
+            self.socket.settimeout(remaining)
+            chunk = self.socket.recv(1 << 16)
+            if not chunk:
+                raise EOFError("the worker closed its link")
+            self._received += chunk
+
+    def _next_answer(self) -> tuple[int, bytes] | None:
+        if len(self._received) < ANSWER_HEAD.size:
+            return None
+        number, length = ANSWER_HEAD.unpack_from(self._received)
+        end = ANSWER_HEAD.size + length
+        if len(self._received) < end:
+            return None
+        pickled = bytes(self._received[ANSWER_HEAD.size : end])
+        del self._received[:end]
+        return number, pickled
 
 
 class WorkerStats:
@@ -91,7 +140,7 @@ class WorkerStats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._links: dict[int, socket.socket] = {}  # by worker index: the parent's ends
+        self._links: dict[int, Link] = {}  # by worker index
         self._last: dict[int, ServerStats] = {}  # by worker index: its last answer
         self._exited = NO_STATS  # the counts of workers gone, summed
         self._forked_end: socket.socket | None = None  # the worker's end, across a fork
@@ -103,7 +152,7 @@ class WorkerStats:
         ours, theirs = socket.socketpair()
         with self._lock:
             self._unlink(index)
-            self._links[index] = ours
+            self._links[index] = Link(ours)
         self._forked_end = theirs
         try:
             yield
@@ -116,7 +165,7 @@ class WorkerStats:
         ends are closed here, not taken by the lock (the child has one thread, and
         the lock may have been held by another thread of the parent at the fork)."""
         for link in self._links.values():
-            link.close()
+            link.socket.close()
         assert self._forked_end is not None, "worker_end outside forking"
         return self._forked_end
 
@@ -126,36 +175,20 @@ class WorkerStats:
             answers = []
             for index, link in list(self._links.items()):
                 try:
-                    answers.append(self._query(link))
-                except (OSError, EOFError, pickle.UnpicklingError):
-                    # Gone, or too slow to trust the link again: a late answer would be
-                    # taken for the next query's.
+                    self._last[index] = link.ask(QUERY_TIMEOUT)
+                except TimeoutError:  # stalled: its last counts, until it answers again
+                    pass
+                except (OSError, EOFError, pickle.UnpicklingError):  # gone
                     self._unlink(index)
                     continue
-                self._last[index] = answers[-1]
+                if index in self._last:
+                    answers.append(self._last[index])
             return combined([self._exited, *answers])
 
     def _unlink(self, index: int) -> None:  # with _lock held
         link = self._links.pop(index, None)
         if link is not None:
-            link.close()
+            link.socket.close()
         last = self._last.pop(index, None)
         if last is not None:
             self._exited = combined([self._exited, counted_only(last)])
-
-    @staticmethod
-    def _query(link: socket.socket) -> ServerStats:
-        link.settimeout(QUERY_TIMEOUT)
-        link.sendall(QUERY)
-        (length,) = ANSWER_LENGTH.unpack(_receive_exactly(link, ANSWER_LENGTH.size))
-        return pickle.loads(_receive_exactly(link, length))
-
-
-def _receive_exactly(link: socket.socket, length: int) -> bytes:
-    data = bytearray()
-    while len(data) < length:
-        chunk = link.recv(length - len(data))
-        if not chunk:
-            raise EOFError("the worker closed its link")
-        data += chunk
-    return bytes(data)

@@ -1,13 +1,17 @@
 """The sums the parent of `--workers` serves as `/metrics` (pfnbd/worker_stats.py);
 test_metrics.py scrapes them with Prometheus, a worker killed on the way."""
 
+import pickle
+import socket
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pfnbd.counters import SLOTS, RequestCounters
 from pfnbd.server import ExportStats, ServerStats
 from pfnbd.volume import BackendCounters
-from pfnbd.worker_stats import combined, counted_only
+from pfnbd.worker_stats import ANSWER_HEAD, QUERY, Link, combined, counted_only
 
 counts = st.integers(min_value=0, max_value=1 << 40)
 
@@ -65,3 +69,26 @@ def test_summing_leaves_the_workers_stats_as_they_were():
     one = ServerStats(1, 1, 0, 0, [ExportStats("a", 1, 1, RequestCounters(), BackendCounters(1, 0, 0), 2)])
     combined([one, one])
     assert one.exports[0].backend.submits == 1 and one.exports[0].counters.answered == [0] * SLOTS
+
+
+def answer(number: int, stats: ServerStats) -> bytes:
+    pickled = pickle.dumps(stats)
+    return ANSWER_HEAD.pack(number, len(pickled)) + pickled
+
+
+def test_an_answer_too_late_for_its_scrape_is_not_taken_for_the_next_ones():
+    ours, worker = socket.socketpair()
+    with ours, worker:
+        link = Link(ours)
+        with pytest.raises(TimeoutError):
+            link.ask(0.05)  # the worker is stalled
+        late, current = ServerStats(1, 0, 0, 0, []), ServerStats(2, 0, 0, 0, [])
+        # It answers the first query at last, in two pieces, and the second right after.
+        first = answer(1, late)
+        worker.sendall(first[:5])
+        worker.sendall(first[5:] + answer(2, current))
+        assert link.ask(1.0) == current
+        assert worker.recv(2 * QUERY.size) == QUERY.pack(1) + QUERY.pack(2)
+        worker.close()
+        with pytest.raises((EOFError, BrokenPipeError)):  # gone
+            link.ask(1.0)
