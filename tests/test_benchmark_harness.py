@@ -148,3 +148,32 @@ def test_a_run_stolen_from_in_every_try_is_kept_and_reported(monkeypatch):
     lines = run.report(results, ["pfnbd"], [run.WORKLOADS_BY_KEY["randread-1"]], bench, 1)
     assert ("STOLEN pfnbd fio 4k randread QD32 ×1 conn: the host took 10.0% of the CPUs' time in "
             "the run kept (over --max-steal 5% in all 3 tries)") in lines
+
+
+def test_instruction_counts_see_work_added_to_each_request() -> None:
+    """`request_cost.py --instructions` counts what a request executes: a variant that
+    does a fixed extra loop in every request's check comes out dearer by about the
+    loop's cost, and the unchanged server's reads and writes both get a count."""
+    require("fio", "valgrind", "callgrind_control")
+    script = HARNESS.parent / "request_cost.py"
+    extra = ("import pfnbd.transmission as t\n"
+             "_check = t.Transmission._check\n"
+             "def dearer(self, request):\n"
+             "    for _ in range(300): pass\n"
+             "    return _check(self, request)\n"
+             "t.Transmission._check = dearer")
+    result = subprocess.run(
+        [sys.executable, str(script), "--instructions", "--requests", "300", "--rounds", "1",
+         "--variant", f"dearer={extra}"],
+        check=False, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    counts = {(row["variant"], row["workload"]): int(row["instructions/request"])
+              for row in table(result.stdout)}
+    assert set(counts) == {(variant, f"4k {rw} QD32") for variant in ("pfnbd", "dearer")
+                           for rw in ("randread", "randwrite")}
+    for rw in ("randread", "randwrite"):
+        plain, dearer = counts["pfnbd", f"4k {rw} QD32"], counts["dearer", f"4k {rw} QD32"]
+        assert plain > 10_000, counts  # a request is tens of thousands of instructions
+        # 300 empty iterations came out 23,000-37,000 instructions dearer here; two runs
+        # of one server differ by about 1% (1,500).
+        assert dearer - plain > 5_000, counts
