@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 import urllib.request
 from collections import defaultdict
 from functools import partial
@@ -588,8 +589,19 @@ def machine_lines() -> list[str]:
         f"machine: {model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end, "
         f"{percent(stolen_share(TICKS_AT_START))} of the CPUs' time stolen by the host while it ran",
         f"kernel: {platform.system()} {platform.release()}; "
-        f"Python: {platform.python_implementation()} {platform.python_version()} ({sys.executable})",
+        f"Python: {platform.python_implementation()} {platform.python_version()} ({sys.executable}), "
+        f"a 10-step loop in {interpreter_speed():.0f} ns",
     ]
+
+
+def interpreter_speed() -> float:
+    """Nanoseconds this interpreter takes for `for i in range(10): x += i` here, best of
+    five.  pfnbd (run with this interpreter) spends its requests in interpreted steps
+    and the C servers do not, so a table's ratios to them move with this figure from one
+    machine or Python build to another (benchmarks/README.md, "The twelfth session's
+    machine")."""
+    loops = 100_000
+    return 1e9 * min(timeit.repeat("for i in range(10): x += i", "x = 0", number=loops, repeat=5)) / loops
 
 
 def report(results: Results, servers: list[str], workloads: list[Workload], bench: Bench,
