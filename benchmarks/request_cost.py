@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from run import REPO_ROOT, cpu_ticks, machine_lines, percent, stolen_share
@@ -70,14 +72,34 @@ def fio(uri: str, rw: str, requests: int) -> float:
     return job["read" if rw == "randread" else "write"]["iops"]
 
 
-def measure(workdir: Path, prelude: str, requests: int) -> list[tuple[str, float, float, float, str]]:
+@contextmanager
+def serving(workdir: Path, prelude: str, start_timeout: float = 30,
+            wrapper: Sequence[str] = ()) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`pfnbd serve` of the volume in `workdir`, CODE `prelude` executed first and the
+    command prefixed by `wrapper` (valgrind): the process and its export's URI, until
+    the block ends."""
     socket = workdir / "sock"
-    env = dict(os.environ, PFNBD_DATA_DIR=str(workdir), PYTHONPATH=str(REPO_ROOT))
-    server = subprocess.Popen([sys.executable, "-c", f"{prelude}\n{SERVE}", str(socket)], env=env,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([*wrapper, sys.executable, "-c", f"{prelude}\n{SERVE}", str(socket)],
+                              env=server_env(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(server, socket, prelude, 30)
-        uri = f"nbd+unix:///bench?socket={socket}"
+        deadline = time.monotonic() + start_timeout
+        while not socket.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"request_cost.py: pfnbd did not start (variant {prelude!r})")
+            time.sleep(0.05)
+        yield server, f"nbd+unix:///bench?socket={socket}"
+    finally:
+        server.terminate()
+        server.wait()
+        socket.unlink(missing_ok=True)
+
+
+def server_env(workdir: Path) -> dict[str, str]:
+    return dict(os.environ, PFNBD_DATA_DIR=str(workdir), PYTHONPATH=str(REPO_ROOT))
+
+
+def measure(workdir: Path, prelude: str, requests: int) -> list[tuple[str, float, float, float, str]]:
+    with serving(workdir, prelude) as (server, uri):
         rows = []
         for rw in ("randread", "randwrite"):
             cpu, switched, ticks = cpu_seconds(server.pid), switches(server.pid), cpu_ticks()
@@ -85,23 +107,13 @@ def measure(workdir: Path, prelude: str, requests: int) -> list[tuple[str, float
             rows.append((rw, iops, 1e6 * (cpu_seconds(server.pid) - cpu) / requests,
                          (switches(server.pid) - switched) / requests, percent(stolen_share(ticks))))
         return rows
-    finally:
-        server.terminate()
-        server.wait()
-        socket.unlink(missing_ok=True)
 
 
 def count_instructions(workdir: Path, prelude: str, requests: int) -> list[tuple[str, float]]:
     """Instructions per request of the server under callgrind, for reads then writes."""
-    socket, profile = workdir / "sock", workdir / "callgrind.out"
-    env = dict(os.environ, PFNBD_DATA_DIR=str(workdir), PYTHONPATH=str(REPO_ROOT))
-    server = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={profile}",
-         sys.executable, "-c", f"{prelude}\n{SERVE}", str(socket)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(server, socket, prelude, 300)
-        uri = f"nbd+unix:///bench?socket={socket}"
+    profile = workdir / "callgrind.out"
+    callgrind = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={profile}")
+    with serving(workdir, prelude, start_timeout=300, wrapper=callgrind) as (server, uri):
         rows = []
         for rw in ("randread", "randwrite"):
             for dump in glob.glob(f"{profile}*"):
@@ -112,10 +124,6 @@ def count_instructions(workdir: Path, prelude: str, requests: int) -> list[tuple
             callgrind_control("--dump", server.pid)
             rows.append((rw, sum(map(dumped_instructions, glob.glob(f"{profile}*"))) / requests))
         return rows
-    finally:
-        server.terminate()
-        server.wait()
-        socket.unlink(missing_ok=True)
 
 
 def callgrind_control(option: str, pid: int) -> None:
@@ -129,14 +137,6 @@ def dumped_instructions(path: str) -> int:
         if line.startswith("totals:"):
             return int(line.split()[1])
     raise SystemExit(f"request_cost.py: no totals in {path}")
-
-
-def wait_for(server: subprocess.Popen, socket: Path, prelude: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not socket.exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"request_cost.py: pfnbd did not start (variant {prelude!r})")
-        time.sleep(0.05)
 
 
 def main() -> None:
@@ -156,10 +156,9 @@ def main() -> None:
             raise SystemExit(f"request_cost.py: missing tool: {tool} (apt-get install {package})")
     workdir = Path(tempfile.mkdtemp(prefix="pfnbd-cost-"))
     try:
-        env = dict(os.environ, PFNBD_DATA_DIR=str(workdir), PYTHONPATH=str(REPO_ROOT))
         subprocess.run([sys.executable, "-m", "pfnbd", "volume", "create", "bench", "--size", "1G"],
-                       env=env, check=True, capture_output=True)
-        fill(workdir, env)
+                       env=server_env(workdir), check=True, capture_output=True)
+        fill(workdir)
         if args.instructions:
             print("| variant | round | workload | instructions/request |")
             print("|---|---|---|---|")
@@ -180,19 +179,12 @@ def main() -> None:
         shutil.rmtree(workdir)
 
 
-def fill(workdir: Path, env: dict) -> None:
+def fill(workdir: Path) -> None:
     """Writes the whole volume once, unmeasured: reads of holes and first writes
     would cost otherwise."""
-    socket = workdir / "sock"
-    server = subprocess.Popen([sys.executable, "-c", SERVE, str(socket)], env=env, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(server, socket, "", 30)
-        subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri=nbd+unix:///bench?socket={socket}",
+    with serving(workdir, "") as (_, uri):
+        subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}",
                         "--rw=write", "--bs=1m", "--iodepth=8", "--size=1G"], capture_output=True, check=True)
-    finally:
-        server.terminate()
-        server.wait()
-        socket.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
