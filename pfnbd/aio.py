@@ -32,11 +32,17 @@ _SYSCALLS = {
 }
 _IOCB_CMD_PREAD = 0
 _IOCB_CMD_PWRITE = 1
+_OPCODES = (_IOCB_CMD_PREAD, _IOCB_CMD_PWRITE)  # by is_write
 # struct iocb (64 bytes): aio_data, aio_key, aio_rw_flags, aio_lio_opcode,
 # aio_reqprio, aio_fildes, aio_buf, aio_nbytes, aio_offset, aio_reserved2, aio_flags,
 # aio_resfd; struct io_event (32 bytes): data, obj, res, res2.
 _IOCB = struct.Struct("<QIIHhIQQqQII")
 _EVENT = struct.Struct("<QQqq")
+# What changes from one transfer to the next, from aio_lio_opcode on: the rest of an
+# iocb is written once (aio_data is its slot's index, the others are zeros).
+_IOCB_TRANSFER = struct.Struct("<HhIQQq")
+_IOCB_TRANSFER_AT = 16
+_EVENT_FIELDS = _EVENT.size // 8  # an event read as 64-bit words: data and res among them
 
 # The process's own symbols, not libc's handle: a preloaded library (the tests' host
 # faults) sees these calls as it sees any other.
@@ -68,9 +74,12 @@ class AioContext:
             raise OSError(code, f"io_setup: {os.strerror(code)}")
         self._iocbs = (ctypes.c_char * (_IOCB.size * capacity))()
         self._iocb_view = memoryview(self._iocbs).cast("B")
+        for index in range(capacity):
+            _IOCB.pack_into(self._iocb_view, _IOCB.size * index, index, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         base = ctypes.addressof(self._iocbs)
         self._pointers = (ctypes.c_void_p * capacity)(*(base + _IOCB.size * i for i in range(capacity)))
         self._events = (ctypes.c_char * (_EVENT.size * capacity))()
+        self._event_words = memoryview(self._events).cast("B").cast("q")
         self._no_wait = _NO_WAIT(0, 0)
 
     def run(self, fd: int, transfers: Sequence[Transfer]) -> list[int]:
@@ -83,12 +92,13 @@ class AioContext:
     def _run(self, fd: int, transfers: Sequence[Transfer]) -> list[int]:
         # Each c_char pins its buffer (a buffer export) until the kernel is done with it.
         pinned = []
-        for index, (is_write, buffer, offset) in enumerate(transfers):
-            target = ctypes.c_char.from_buffer(buffer)
+        pin, address, pack, view = ctypes.c_char.from_buffer, ctypes.addressof, _IOCB_TRANSFER.pack_into, self._iocb_view
+        at = _IOCB_TRANSFER_AT
+        for is_write, buffer, offset in transfers:
+            target = pin(buffer)
             pinned.append(target)
-            _IOCB.pack_into(self._iocb_view, _IOCB.size * index, index, 0, 0,
-                            _IOCB_CMD_PWRITE if is_write else _IOCB_CMD_PREAD, 0, fd,
-                            ctypes.addressof(target), buffer.nbytes, offset, 0, 0, 0)
+            pack(view, at, _OPCODES[is_write], 0, fd, address(target), buffer.nbytes, offset)
+            at += _IOCB.size
         count = len(transfers)
         submitted = _libc.syscall(self._calls["io_submit"], self._context, count, self._pointers)
         if submitted < 0:  # about the first transfer (EINVAL, EBADF) or the context (EAGAIN)
@@ -112,8 +122,8 @@ class AioContext:
                 if code == errno.EINTR:
                     continue
                 raise OSError(code, f"io_getevents: {os.strerror(code)}")
-            for event in range(got):
-                index, _, result, _ = _EVENT.unpack_from(self._events, _EVENT.size * event)
+            words = self._event_words[: got * _EVENT_FIELDS]
+            for index, result in zip(words[0::_EVENT_FIELDS].tolist(), words[2::_EVENT_FIELDS].tolist()):
                 results[index] = result
             collected += got
         del pinned

@@ -810,6 +810,8 @@ class HeadImage(_Image):
         aio = self._batcher()
         if aio is None:
             return super().transfers(transfers)
+        if not any(is_write for is_write, _, _ in transfers):  # nothing to preserve or hold
+            return aio.run(self._head, transfers)
         begun, results = [], [0] * len(transfers)
         for index, (is_write, buffer, offset) in enumerate(transfers):
             if is_write:

@@ -105,7 +105,9 @@ class VolumeClient(Protocol):
 # The emulated client library.
 
 
-@attrs.define  # not frozen: a frozen class costs a setattr call per field, per I/O
+# Not frozen: a frozen class costs a setattr call per field, per I/O.  Compared by
+# identity: `vol_proc` looks for its closing None among them.
+@attrs.define(eq=False)
 class _Io:
     kind: str  # "read", "write" or "discard"
     offset: int
@@ -354,10 +356,10 @@ class EmulatedVolume:
         return 0
 
     def _transfer_run(self, run: list[_Io]) -> list[int]:
-        statuses = [self._injected_fault() for _ in run] if self._faults.error_rate else [0] * len(run)
-        chosen = [io for io, status in zip(run, statuses) if not status]
+        faults = [self._injected_fault() for _ in run] if self._faults.error_rate else None
+        chosen = run if faults is None else [io for io, fault in zip(run, faults) if not fault]
         if not chosen:
-            return statuses
+            return faults or []
         try:
             results = self._image.transfers([
                 (True, io.buffers, io.offset) if io.kind == "write" else (False, io.buffers[0], io.offset)
@@ -365,18 +367,24 @@ class EmulatedVolume:
         except Exception:  # a bug must fail these I/Os, not end the thread every submitter waits on
             log.exception("volume %s: %d transfers failed", self.name, len(chosen))
             results = [-errno.EIO] * len(chosen)
-        done = iter(results)
-        for index, status in enumerate(statuses):
-            if status:
+        statuses = [0] * len(chosen)
+        for index, (io, result) in enumerate(zip(chosen, results)):
+            if result >= io.length:
                 continue
-            io, result = run[index], next(done)
             if result < 0:
                 log.error("volume %s: %s at offset %d failed: %s", self.name, io.kind, io.offset,
                           os.strerror(-result))
                 statuses[index] = result
-            elif io.kind == "read" and result < io.length:  # past the end of the image file: zeros
+            elif io.kind == "read":  # past the end of the image file: zeros
                 _zero_tail(io.buffers, result)
-        return statuses
+            else:  # the image writes whole or fails: never report part of a write done
+                log.error("volume %s: write at offset %d stored %d of %d bytes", self.name, io.offset,
+                          result, io.length)
+                statuses[index] = -errno.EIO
+        if faults is None:
+            return statuses
+        done = iter(statuses)
+        return [fault or next(done) for fault in faults]
 
     def _execute(self, io: _Io) -> int:
         """A discard, a scattered read or an empty transfer."""
