@@ -13,6 +13,7 @@ a copy slower.
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator, Sequence
 
 import trio
@@ -54,6 +55,7 @@ class Receiver:
         self._buffer = bytearray(RECEIVE_CHUNK)
         self._view = memoryview(self._buffer)
         self._start = self._end = 0  # the unread bytes are _buffer[_start:_end]
+        self.received_at = time.monotonic()  # when bytes last landed in the buffer
 
     async def _receive(self, target: memoryview) -> int:
         """One receive into `target`: how many bytes landed (0 at EOF)."""
@@ -76,13 +78,29 @@ class Receiver:
             if not received:
                 raise ClientDisconnected(mid_message or self._end > 0)
             self._end += received
+            self.received_at = time.monotonic()
 
-    def _take(self, target: memoryview) -> int:
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet: what `take_*` can have without waiting."""
+        return self._end - self._start
+
+    def take_into(self, target: memoryview) -> int:
         """Moves what is buffered into `target`, up to its length; how much it moved."""
         taken = min(self._end - self._start, len(target))
         target[:taken] = self._view[self._start : self._start + taken]
         self._start += taken
         return taken
+
+    def take_exactly(self, n: int) -> bytes | None:
+        """The next `n` bytes if they are all buffered, else None (and nothing taken):
+        `receive_exactly` without a coroutine, for the requests a receive brought
+        together."""
+        start = self._start
+        if self._end - start < n:
+            return None
+        self._start = start + n
+        return bytes(self._view[start : start + n])
 
     async def receive_exactly(self, n: int) -> bytes:
         """The next `n` bytes, at most RECEIVE_CHUNK: headers and small payloads."""
@@ -96,11 +114,11 @@ class Receiver:
         """Fill `target` completely.  The rest of a small payload comes through the
         buffer, with whatever the client pipelined after it; a large one lands in
         `target` directly."""
-        filled = self._take(target)
+        filled = self.take_into(target)
         if len(target) - filled <= DIRECT_RECEIVE_THRESHOLD:
             if filled < len(target):
                 await self._fill(len(target) - filled, mid_message=True)
-                self._take(target[filled:])
+                self.take_into(target[filled:])
             return
         while filled < len(target):
             received = await self._receive(target[filled:])

@@ -70,7 +70,6 @@ DONE = int(p.ReplyFlags.DONE)
 OFFSET_DATA = int(p.ChunkType.OFFSET_DATA)
 OFFSET_SIZE = p.offset_data_prefix_layout.size
 MUTATING = frozenset(map(int, (p.Command.WRITE, p.Command.TRIM, p.Command.WRITE_ZEROES)))
-DIRECT_COMMANDS = frozenset((READ, WRITE))  # candidates for the task-free path
 # What an export's I/O limits count, and as what (is it a write?).  As QEMU's block
 # layer: reads and writes of data, a CACHE as a read and a WRITE_ZEROES as a write
 # of their whole length; TRIM, FLUSH and BLOCK_STATUS are never throttled.
@@ -105,15 +104,6 @@ class Request(NamedTuple):  # not a frozen attrs class: one is made per request
     cookie: int
     offset: int
     length: int  # the effect length; a payload's length when it carries one
-
-    @classmethod
-    def parse(cls, header: bytes, extended: bool) -> Request:
-        unpack, expected = REQUEST_LAYOUTS[extended]
-        magic, flags, command, cookie, offset, length = unpack(header)
-        if magic != expected:
-            raise RemoteProtocolError(f"bad request magic {magic:#x}")
-        # What the generated __new__ does, less its keyword handling: a third of the cost.
-        return tuple.__new__(cls, (flags, command, cookie, offset, length))
 
     @property
     def name(self) -> str:
@@ -163,6 +153,10 @@ class BufferPool:
 
     def fits(self, size: int) -> bool:
         return self._in_use + min(size, self.capacity) <= self.capacity
+
+    def take_now(self, size: int) -> Held | None:
+        """`take(size)` of a buffer if it fits, else None (then `acquire` decides)."""
+        return self.take(size) if self._in_use + size <= self.capacity else None
 
     def release(self, held: Held) -> None:
         self.release_all((held,))
@@ -291,6 +285,11 @@ class Transmission:
         self._buffers = BufferPool(MAX_BYTES_IN_FLIGHT)
         self._max_payload = agreement.export.block_sizes.maximum
         self._allowed_flags = allowed_flags(agreement)
+        # The flags a READ or a WRITE may carry and still start with no task: the ones
+        # `_check` accepts but FUA (a flush must follow).  No WRITE on a read-only export.
+        self._direct_flags = {READ: DF if agreement.structured_replies else 0}
+        if not read_only:
+            self._direct_flags[WRITE] = 0
         self.counters = RequestCounters()
         self.reading = trio.CancelScope()
         self._shutting_down = False
@@ -374,15 +373,25 @@ class Transmission:
     async def _read_requests(self) -> None:
         extended = self._agreement.extended_headers
         debug = log.isEnabledFor(logging.DEBUG)  # asked once: the level is set before serving
-        receive_exactly, header_size, parse = self._receiver.receive_exactly, self._header, Request.parse
+        receiver, header_size = self._receiver, self._header
+        unpack, expected_magic = REQUEST_LAYOUTS[extended]
+        new_request = partial(tuple.__new__, Request)
         while not self._shutting_down:
-            self._awaiting_header = True
-            try:
-                header = await receive_exactly(header_size)
-            finally:
-                self._awaiting_header = False
-            received = time.monotonic()
-            request = parse(header, extended)
+            # A header already buffered is taken with no coroutine: the requests one
+            # receive brought are read in one go.
+            header = receiver.take_exactly(header_size)
+            if header is None:
+                self._awaiting_header = True
+                try:
+                    header = await receiver.receive_exactly(header_size)
+                finally:
+                    self._awaiting_header = False
+            received = receiver.received_at  # the duration counted includes any wait here
+            magic, *fields = unpack(header)
+            if magic != expected_magic:
+                raise RemoteProtocolError(f"bad request magic {magic:#x}")
+            # What Request's generated __new__ does, less its keyword handling: a third of the cost.
+            request = new_request(fields)
             if debug:
                 log.debug("request %s", request)
             if request.command == DISC:
@@ -396,7 +405,9 @@ class Transmission:
             self._in_flight += 1
             self._unanswered[id(request)] = (request, received)
             try:
-                taken, refusal = await self._receive_payload(request)
+                taken, refusal = self._take_now(request), None
+                if taken is None:
+                    taken, refusal = await self._receive_payload(request)
             except BaseException:
                 if self._unanswered is not None:  # no ESHUTDOWN went for it: nothing will answer it
                     self._in_flight -= 1
@@ -414,6 +425,26 @@ class Transmission:
         if request.command == WRITE or (self._agreement.extended_headers and request.flags & PAYLOAD_LEN):
             return request.length
         return 0
+
+    def _take_now(self, request: Request) -> Taken | None:
+        """What `_receive_payload` gives a READ of whole sectors, or a WRITE whose
+        payload is all buffered, when the pool has room for it: taken without a
+        coroutine.  None for anything else, `_receive_payload`'s to receive or refuse."""
+        command, length = request.command, request.length
+        if request.flags & PAYLOAD_LEN or length > self._max_payload:
+            return None
+        if command == READ:
+            if not self._bridge.whole_sectors(request.offset, length):  # then it has a buffer of its own
+                return None
+        elif command != WRITE or self._receiver.buffered < length:
+            return None
+        held = self._buffers.take_now(length)
+        if held is None:
+            return None
+        buffer = memoryview(held[1])
+        if command == WRITE:
+            self._receiver.take_into(buffer)
+        return buffer, held
 
     async def _receive_payload(self, request: Request) -> tuple[Taken | None, RequestError | None]:
         """The request's buffer (a WRITE's payload, received; a READ's destination)
@@ -457,12 +488,10 @@ class Transmission:
     def _started(self, request: Request, taken: Taken) -> bool:
         """Starts an aligned READ or WRITE with no task of its own: its reply is made
         when its submits complete.  False when it needs a task."""
-        if request.command not in DIRECT_COMMANDS or request.flags & FUA:
+        # What `_check` would refuse, or needs a task, goes to `_handle`.
+        allowed = self._direct_flags.get(request.command)
+        if allowed is None or request.flags & ~allowed or request.offset + request.length > self._bridge.size:
             return False
-        try:
-            self._check(request)
-        except RequestError:
-            return False  # refused by the task, like any other
         return self._bridge.start_transfer(
             request.offset, taken[0], request.command == WRITE, partial(self._transferred, request, taken))
 

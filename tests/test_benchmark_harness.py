@@ -153,16 +153,16 @@ def test_a_run_stolen_from_in_every_try_is_kept_and_reported(monkeypatch):
 
 def test_instruction_counts_see_work_added_to_each_request() -> None:
     """`request_cost.py --instructions` counts what a request executes: a variant that
-    does a fixed extra loop in every request's check comes out dearer by about the
+    does a fixed extra loop as it starts every request comes out dearer by about the
     loop's cost, and the unchanged server's reads and writes both get a count."""
     require("fio", "valgrind", "callgrind_control")
     script = HARNESS.parent / "request_cost.py"
     extra = ("import pfnbd.transmission as t\n"
-             "_check = t.Transmission._check\n"
-             "def dearer(self, request):\n"
+             "_started = t.Transmission._started\n"
+             "def dearer(self, request, taken):\n"
              "    for _ in range(300): pass\n"
-             "    return _check(self, request)\n"
-             "t.Transmission._check = dearer")
+             "    return _started(self, request, taken)\n"
+             "t.Transmission._started = dearer")
     result = subprocess.run(
         [sys.executable, str(script), "--instructions", "--requests", "300", "--rounds", "1",
          "--variant", f"dearer={extra}"],
