@@ -51,6 +51,17 @@ class RequestCounters:
         self.seconds[index] += seconds
         self.durations[index][bisect_left(DURATION_BOUNDS, seconds)] += 1
 
+    def answer_all(self, command: int, durations: list[float]) -> None:
+        """`answer` of each of `durations`, all replies to `command`."""
+        if not durations:
+            return
+        index = command if command < OTHER else OTHER
+        self.answered[index] += len(durations)
+        self.seconds[index] += sum(durations)
+        buckets = self.durations[index]
+        for seconds in durations:
+            buckets[bisect_left(DURATION_BOUNDS, seconds)] += 1
+
     def refuse(self, command: int, error: int) -> None:
         """The reply to `command` is `error` (errors are rare: a dict is cheap enough)."""
         key = (slot(command), int(error))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections import deque
 from collections.abc import Iterable
 from functools import partial
 from typing import NamedTuple
@@ -300,8 +299,14 @@ class Transmission:
         # answers with ESHUTDOWN.
         self._unanswered: dict[int, tuple[Request, float]] | None = {}  # None once refused
         self._answered = trio.lowlevel.ParkingLot()
-        self._outbox: deque[tuple[list[Buffer], Held]] = deque()  # replies, and what each releases
-        self._outbox_filled = trio.lowlevel.ParkingLot()
+        # The replies queued, each whole, and what they release once sent.
+        self._outbox: list[Buffer] = []
+        self._outbox_holds: list[Held] = []
+        self._outbox_replies = 0
+        # Transfers `_started` that have completed, with their statuses: the writer
+        # answers all of them in one pass before it sends.
+        self._completed: list[tuple[Request, Taken, int]] = []
+        self._outbox_filled = trio.lowlevel.ParkingLot()  # the writer, waiting for either
         self._handlers: trio.Nursery | None = None
         self._ended = False
 
@@ -357,11 +362,8 @@ class Transmission:
         unanswered, self._unanswered = self._unanswered, None
         now = time.monotonic()
         for request, received in unanswered.values():
-            self._outbox.append((self._refuse(request, p.Errno.ESHUTDOWN, "the server is shutting down"),
-                                 NOTHING_HELD))
+            self._queue(self._refuse(request, p.Errno.ESHUTDOWN, "the server is shutting down"), NOTHING_HELD)
             self.counters.answer(request.command, now - received)
-        if self._outbox_filled:
-            self._outbox_filled.unpark_all()
 
     async def _flush_before_disconnect(self) -> None:
         """Makes the writes just answered durable before the client goes elsewhere."""
@@ -496,23 +498,58 @@ class Transmission:
             request.offset, taken[0], request.command == WRITE, partial(self._transferred, request, taken))
 
     def _transferred(self, request: Request, taken: Taken, status: int) -> None:
-        """The completion of a request `_started`, in trio."""
+        """The completion of a request `_started`, in trio: left for the writer."""
         if self._ended:
             return
-        if status and self._bridge.retryable(status):
+        completed = self._completed
+        completed.append((request, taken, status))
+        if len(completed) == 1 and self._outbox_filled:
+            self._outbox_filled.unpark_all()
+
+    def _answer_completed(self) -> None:
+        """Answers the completed transfers in one pass: one clock read and one count
+        of durations per command for all of them."""
+        completed, self._completed = self._completed, []
+        unanswered = self._unanswered
+        if unanswered is None:  # answered with ESHUTDOWN already
+            self._buffers.release_all([taken[1] for _, taken, _ in completed])
+            return
+        replies, outbox, holds, counters = self._replies, self._outbox, self._outbox_holds, self.counters
+        now = time.monotonic()
+        reads: list[float] = []  # the durations of the reads answered
+        writes: list[float] = []
+        read_bytes = written_bytes = 0
+        for request, taken, status in completed:
+            if status:
+                self._transfer_failed(request, taken, status)
+                continue
+            try:
+                if request.command == READ:
+                    outbox += replies.data(request, taken[0])
+                    reads.append(now - unanswered.pop(id(request))[1])
+                    read_bytes += request.length
+                else:
+                    outbox += replies.done(request)
+                    writes.append(now - unanswered.pop(id(request))[1])
+                    written_bytes += request.length
+            except Exception:  # a bug fails the request, not the connection
+                self._answer(request, self._internal_error(request), taken[1])
+                continue
+            holds.append(taken[1])
+        self._outbox_replies += len(reads) + len(writes)
+        counters.answer_all(READ, reads)
+        counters.answer_all(WRITE, writes)
+        counters.bytes_read += read_bytes
+        counters.bytes_written += written_bytes
+
+    def _transfer_failed(self, request: Request, taken: Taken, status: int) -> None:
+        if self._bridge.retryable(status):
             self._bridge.counters.retries += 1
             self._handlers.start_soon(self._handle, request, taken, None)  # retried there
             return
         try:
-            if status:
-                reply = self._volume_failed(request, VolumeIOError(status))
-            elif request.command == READ:
-                self.counters.bytes_read += request.length
-                reply = self._replies.data(request, taken[0])
-            else:
-                self.counters.bytes_written += request.length
-                reply = self._replies.done(request)
-        except Exception:  # raised here, in a completion, it would end the whole server
+            reply = self._volume_failed(request, VolumeIOError(status))
+        except Exception:
             reply = self._internal_error(request)
         self._answer(request, reply, taken[1])
 
@@ -537,26 +574,35 @@ class Transmission:
             return
         _, received = self._unanswered.pop(id(request))
         self.counters.answer(request.command, time.monotonic() - received)
-        outbox = self._outbox
-        outbox.append((reply, held))
-        # Only the first reply queued can find the writer parked: it parks on an empty outbox.
-        if len(outbox) == 1 and self._outbox_filled:
+        self._queue(reply, held)
+
+    def _queue(self, reply: list[Buffer], held: Held) -> None:
+        self._outbox += reply
+        self._outbox_holds.append(held)
+        self._outbox_replies += 1
+        # Only the first reply queued can find the writer parked: it parks with nothing to do.
+        if self._outbox_replies == 1 and not self._completed and self._outbox_filled:
             self._outbox_filled.unpark_all()
 
     async def _write_replies(self) -> None:
-        """Sends whatever replies have queued, for as long as the connection lasts."""
+        """Answers completed transfers and sends whatever replies have queued, for as
+        long as the connection lasts."""
         while True:
-            while not self._outbox:
+            while not (self._outbox_replies or self._completed):
                 await self._outbox_filled.park()
-            await self._send_queued()
+            if self._completed:
+                self._answer_completed()
+            if self._outbox_replies:
+                await self._send_queued()
 
     async def _send_queued(self) -> None:
         """The queued replies in one go, then their buffers back to the pool (a method
         of its own: nothing of them stays referenced while the next ones are awaited)."""
-        replies, self._outbox = self._outbox, deque()
-        await self._sender.send([buffer for reply, _ in replies for buffer in reply])
-        self._buffers.release_all([held for _, held in replies])
-        self._in_flight -= len(replies)
+        buffers, holds, sent = self._outbox, self._outbox_holds, self._outbox_replies
+        self._outbox, self._outbox_holds, self._outbox_replies = [], [], 0
+        await self._sender.send(buffers)
+        self._buffers.release_all(holds)
+        self._in_flight -= sent
         if self._answered:
             self._answered.unpark_all()
 
