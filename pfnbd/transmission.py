@@ -155,22 +155,30 @@ class BufferPool:
 
     def take_now(self, size: int) -> Held | None:
         """`take(size)` of a buffer if it fits, else None (then `acquire` decides)."""
-        return self.take(size) if self._in_use + size <= self.capacity else None
+        if self._in_use + size > self.capacity:
+            return None
+        kept = self._kept.get(size)
+        if kept is None:
+            return self.take(size)
+        self._in_use += size  # steady traffic: a buffer of this size is there to reuse
+        return size, self._unkeep(size, kept)
 
     def release(self, held: Held) -> None:
         self.release_all((held,))
 
     def release_all(self, helds: Iterable[Held]) -> None:
         """`release` of each, with one wake-up of whoever waits for room."""
+        in_use, kept_bytes, kept_by_size = self._in_use, self._kept_bytes, self._kept
         for counted, buffer in helds:
-            self._in_use -= counted
+            in_use -= counted
             if buffer is not None and len(buffer) == counted:  # a bigger one is let go
-                kept = self._kept.get(counted)
+                kept = kept_by_size.get(counted)
                 if kept is None:
-                    self._kept[counted] = [buffer]
+                    kept_by_size[counted] = [buffer]
                 else:
                     kept.append(buffer)
-                self._kept_bytes += counted
+                kept_bytes += counted
+        self._in_use, self._kept_bytes = in_use, kept_bytes
         if self._released:
             self._released.unpark_all()
 
