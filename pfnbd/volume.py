@@ -545,7 +545,7 @@ class RangeLock:
 
     def unshare(self, owner: object) -> None:
         del self._shared[owner]
-        if self._released:
+        if self._waiting:  # who parks on `_released` waits in `hold`, its span in `_waiting`
             self._released.unpark_all()
 
 
