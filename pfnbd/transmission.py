@@ -313,7 +313,7 @@ class Transmission:
         self._outbox_replies = 0
         # Transfers `_started` that have completed, with their statuses: the writer
         # answers all of them in one pass before it sends.
-        self._completed: list[tuple[Request, Taken, int]] = []
+        self._completed: list[tuple[tuple[Request, Taken], int]] = []
         self._outbox_filled = trio.lowlevel.ParkingLot()  # the writer, waiting for either
         self._handlers: trio.Nursery | None = None
         self._ended = False
@@ -503,14 +503,14 @@ class Transmission:
         if allowed is None or request.flags & ~allowed or request.offset + request.length > self._bridge.size:
             return False
         return self._bridge.start_transfer(
-            request.offset, taken[0], request.command == WRITE, partial(self._transferred, request, taken))
+            request.offset, taken[0], request.command == WRITE, self._transferred, (request, taken))
 
-    def _transferred(self, request: Request, taken: Taken, status: int) -> None:
+    def _transferred(self, transfer: tuple[Request, Taken], status: int) -> None:
         """The completion of a request `_started`, in trio: left for the writer."""
         if self._ended:
             return
         completed = self._completed
-        completed.append((request, taken, status))
+        completed.append((transfer, status))
         if len(completed) == 1 and self._outbox_filled:
             self._outbox_filled.unpark_all()
 
@@ -520,14 +520,14 @@ class Transmission:
         completed, self._completed = self._completed, []
         unanswered = self._unanswered
         if unanswered is None:  # answered with ESHUTDOWN already
-            self._buffers.release_all([taken[1] for _, taken, _ in completed])
+            self._buffers.release_all([taken[1] for (_, taken), _ in completed])
             return
         replies, outbox, holds, counters = self._replies, self._outbox, self._outbox_holds, self.counters
         now = time.monotonic()
         reads: list[float] = []  # the durations of the reads answered
         writes: list[float] = []
         read_bytes = written_bytes = 0
-        for request, taken, status in completed:
+        for (request, taken), status in completed:
             if status:
                 self._transfer_failed(request, taken, status)
                 continue

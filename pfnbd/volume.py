@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import trio
@@ -452,15 +452,18 @@ class _Batch:
 
 
 class _Callback:
-    """Submits whose completion calls `function(status)` in trio: no task waits on them.
+    """Submits whose completion calls `function(token, status)` in trio: no task waits
+    on them.
 
     `status` is 0, or the first failure.  A write's span in the bridge's `RangeLock`
     is shared until the last submit completes."""
 
-    __slots__ = ("function", "mutations", "outstanding", "status")
+    __slots__ = ("function", "token", "mutations", "outstanding", "status")
 
-    def __init__(self, function: Callable[[int], None], mutations: RangeLock | None, submits: int) -> None:
+    def __init__(self, function: Callable[[T, int], None], token: T, mutations: RangeLock | None,
+                 submits: int) -> None:
         self.function = function
+        self.token = token
         self.mutations = mutations
         self.outstanding = submits
         self.status = 0
@@ -473,17 +476,20 @@ class _Callback:
             return
         if self.mutations is not None:
             self.mutations.unshare(self)
-        self.function(self.status)
+        self.function(self.token, self.status)
 
 
 class _CompletionInbox:
     """Carries callbacks from the library's thread into trio, a batch per wake-up, and
-    keeps that thread on the trio thread's CPU (pfnbd/cpus.py says why)."""
+    keeps that thread on the trio thread's CPU (pfnbd/cpus.py says why).
+
+    A submit's `cbk_arg` is `(complete, arg)`: its completion calls `complete(arg,
+    status)` in trio."""
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
         self._lock = threading.Lock()
-        self._pending: deque[tuple[tuple[_Batch | _Callback, int], int]] = deque()
+        self._pending: deque[tuple[tuple[Callable[[Any, int], None], Any], int]] = deque()
         self._trio_cpu = current_cpu()  # written in trio, read by the library's thread
 
     def callback(self, cbk_arg: object, status: int) -> None:  # runs on the library's thread
@@ -498,8 +504,8 @@ class _CompletionInbox:
         self._trio_cpu = current_cpu()
         with self._lock:
             pending, self._pending = self._pending, deque()
-        for (batch, index), status in pending:
-            batch.complete(index, status)
+        for (complete, arg), status in pending:
+            complete(arg, status)
 
 
 class RangeLock:
@@ -667,7 +673,7 @@ class VolumeBridge:
             for position, index in enumerate(indices):
                 delay = EAGAIN_FIRST_DELAY
                 counters.submits += 1
-                while (status := submits[index](self._inbox.callback, (batch, index))) == -errno.EAGAIN:
+                while (status := submits[index](self._inbox.callback, (batch.complete, index))) == -errno.EAGAIN:
                     counters.submits += 1
                     counters.eagain_resubmits += 1
                     await trio.sleep(delay)
@@ -700,27 +706,32 @@ class VolumeBridge:
         ])
 
     def start_transfer(self, offset: int, buffer: memoryview, is_write: bool,
-                       on_done: Callable[[int], None]) -> bool:
+                       on_done: Callable[[T, int], None], token: T) -> bool:
         """Starts a transfer of whole sectors, 128 KiB a submit, with no task to park.
 
-        `on_done(status)` runs in trio once every submit has completed: 0, or the
-        first status one failed with (`retryable` says whether `read`/`write` would
-        have tried again; a submit refused once others are in flight counts as such
-        a failure).  False, with nothing started, when only `read`/`write` can do it:
-        not whole sectors, in conflict with a mutation, or the first submit refused.
+        `on_done(token, status)` runs in trio once every submit has completed: 0, or
+        the first status one failed with (`retryable` says whether `read`/`write`
+        would have tried again; a submit refused once others are in flight counts as
+        such a failure).  False, with nothing started, when only `read`/`write` can
+        do it: not whole sectors, in conflict with a mutation, or the first submit
+        refused.
         """
         length = len(buffer)
         if not (length and self.whole_sectors(offset, length)) or (is_write and self._flush_failure):
             return False
         pieces = [buffer] if length <= PF_MAX_IO_SIZE else [
             buffer[start : start + PF_MAX_IO_SIZE] for start in range(0, length, PF_MAX_IO_SIZE)]
-        completion = _Callback(on_done, self._mutations if is_write else None, len(pieces))
-        if is_write and not self._mutations.try_share(completion, offset, offset + length):
-            return False
+        if is_write or len(pieces) > 1:
+            completion = _Callback(on_done, token, self._mutations if is_write else None, len(pieces))
+            if is_write and not self._mutations.try_share(completion, offset, offset + length):
+                return False
+            cbk_arg = (completion.complete, 0)
+        else:  # the commonest request: one submit, and no span to unshare, so no countdown
+            cbk_arg = (on_done, token)
         for index, piece in enumerate(pieces):
             self.counters.submits += 1
             status = self.backend.iov_submit(
-                [piece], len(piece), offset + index * PF_MAX_IO_SIZE, self._inbox.callback, (completion, 0), is_write)
+                [piece], len(piece), offset + index * PF_MAX_IO_SIZE, self._inbox.callback, cbk_arg, is_write)
             if status:
                 if status == -errno.EAGAIN:  # made again by `read`/`write`, or after on_done
                     self.counters.eagain_resubmits += 1

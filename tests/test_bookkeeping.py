@@ -299,7 +299,7 @@ def test_each_transfer_is_answered_once_with_its_first_failure(transfers, failur
             first = len(backend.submitted)
             buffer = memoryview(bytearray(pieces * PF_MAX_IO_SIZE))
             assert bridge.start_transfer(offset, buffer, is_write,
-                                         lambda status, number=number: answers.setdefault(number, []).append(status))
+                                         lambda number, status: answers.setdefault(number, []).append(status), number)
             expected[number] = {failures[n] for n in range(first, first + pieces) if n in failures}
             offset += len(buffer)
         backend.complete_all()

@@ -259,13 +259,15 @@ def test_injected_delay_is_latency_not_a_queue(store):
 
 
 class Answers:
-    """The `on_done` of `start_transfer`: keeps every status it is called with."""
+    """The `on_done` of `start_transfer`: keeps every status it is called with, and
+    checks that it comes with its transfer's token."""
 
     def __init__(self):
         self.statuses = []
         self.first = trio.Event()
 
-    def __call__(self, status):
+    def __call__(self, token, status):
+        assert token is self
         self.statuses.append(status)
         self.first.set()
 
@@ -275,7 +277,7 @@ def test_start_transfer_runs_a_request_as_many_submits_and_answers_once(store):
 
     async def body(bridge):
         answers = Answers()
-        assert bridge.start_transfer(8192, memoryview(bytearray(payload)), True, answers)
+        assert bridge.start_transfer(8192, memoryview(bytearray(payload)), True, answers, answers)
         await answers.first.wait()
         await trio.sleep(0.05)  # a second answer would come in this time
         return answers.statuses, bytes(await bridge.read(8192, len(payload)))
@@ -287,9 +289,9 @@ def test_start_transfer_refused_midway_reports_a_retryable_status(store):
     async def body(bridge):
         answers = Answers()
         # A pool of two requests: the third submit of four is refused.
-        assert bridge.start_transfer(0, memoryview(bytearray(4 * PF_MAX_IO_SIZE)), False, answers)
+        assert bridge.start_transfer(0, memoryview(bytearray(4 * PF_MAX_IO_SIZE)), False, answers, answers)
         # With the pool full, a first submit refused starts nothing.
-        assert not bridge.start_transfer(0, memoryview(bytearray(4096)), True, answers)
+        assert not bridge.start_transfer(0, memoryview(bytearray(4096)), True, answers, answers)
         await answers.first.wait()
         return answers.statuses, bridge.retryable(answers.statuses[0])
 
@@ -298,8 +300,8 @@ def test_start_transfer_refused_midway_reports_a_retryable_status(store):
 
 def test_start_transfer_takes_only_whole_sectors(store):
     async def body(bridge):
-        never = lambda status: pytest.fail("nothing was started")  # noqa: E731
-        return [bridge.start_transfer(offset, memoryview(bytearray(length)), True, never)
+        never = lambda token, status: pytest.fail("nothing was started")  # noqa: E731
+        return [bridge.start_transfer(offset, memoryview(bytearray(length)), True, never, None)
                 for offset, length in [(1, 512), (0, 100), (0, 0)]]
 
     assert run_bridge(store, body) == [False, False, False]
