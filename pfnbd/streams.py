@@ -13,6 +13,7 @@ a copy slower.
 from __future__ import annotations
 
 import errno
+import struct
 import time
 from collections.abc import Iterator, Sequence
 
@@ -92,15 +93,15 @@ class Receiver:
         self._start += taken
         return taken
 
-    def take_exactly(self, n: int) -> bytes | None:
-        """The next `n` bytes if they are all buffered, else None (and nothing taken):
-        `receive_exactly` without a coroutine, for the requests a receive brought
-        together."""
+    def take_unpacked(self, layout: struct.Struct) -> tuple | None:
+        """The next `layout.size` bytes unpacked if they are all buffered, else None
+        (and nothing taken): `receive_exactly` and `unpack` without a coroutine or a
+        copy, for the requests a receive brought together."""
         start = self._start
-        if self._end - start < n:
+        if self._end - start < layout.size:
             return None
-        self._start = start + n
-        return bytes(self._view[start : start + n])
+        self._start = start + layout.size
+        return layout.unpack_from(self._buffer, start)
 
     async def receive_exactly(self, n: int) -> bytes:
         """The next `n` bytes, at most RECEIVE_CHUNK: headers and small payloads."""

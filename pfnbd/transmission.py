@@ -92,9 +92,9 @@ class RequestError(Exception):
         self.error = error
 
 
-# By `extended`: how a request header unpacks, and the magic it must start with.
-REQUEST_LAYOUTS = {False: (p.request_layout.unpack, p.REQUEST_MAGIC),
-                   True: (p.extended_request_layout.unpack, p.EXTENDED_REQUEST_MAGIC)}
+# By `extended`: a request header's layout, and the magic it must start with.
+REQUEST_LAYOUTS = {False: (p.request_layout, p.REQUEST_MAGIC),
+                   True: (p.extended_request_layout, p.EXTENDED_REQUEST_MAGIC)}
 
 
 class Request(NamedTuple):  # not a frozen attrs class: one is made per request
@@ -288,7 +288,6 @@ class Transmission:
         self._read_only = read_only
         self._throttle = throttle or Throttle()
         self._replies = Replies(agreement.structured_replies, agreement.extended_headers)
-        self._header = (p.extended_request if agreement.extended_headers else p.request).sizeof()
         self._buffers = BufferPool(MAX_BYTES_IN_FLIGHT)
         self._max_payload = agreement.export.block_sizes.maximum
         self._allowed_flags = allowed_flags(agreement)
@@ -383,21 +382,21 @@ class Transmission:
     async def _read_requests(self) -> None:
         extended = self._agreement.extended_headers
         debug = log.isEnabledFor(logging.DEBUG)  # asked once: the level is set before serving
-        receiver, header_size = self._receiver, self._header
-        unpack, expected_magic = REQUEST_LAYOUTS[extended]
+        receiver = self._receiver
+        layout, expected_magic = REQUEST_LAYOUTS[extended]
         new_request = partial(tuple.__new__, Request)
         while not self._shutting_down:
             # A header already buffered is taken with no coroutine: the requests one
             # receive brought are read in one go.
-            header = receiver.take_exactly(header_size)
+            header = receiver.take_unpacked(layout)
             if header is None:
                 self._awaiting_header = True
                 try:
-                    header = await receiver.receive_exactly(header_size)
+                    header = layout.unpack(await receiver.receive_exactly(layout.size))
                 finally:
                     self._awaiting_header = False
             received = receiver.received_at  # the duration counted includes any wait here
-            magic, *fields = unpack(header)
+            magic, *fields = header
             if magic != expected_magic:
                 raise RemoteProtocolError(f"bad request magic {magic:#x}")
             # What Request's generated __new__ does, less its keyword handling: a third of the cost.
