@@ -488,23 +488,28 @@ class _CompletionInbox:
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
-        self._lock = threading.Lock()
+        # Appended to by the library's threads and emptied by trio with no lock: a
+        # deque's append and popleft are each atomic.
         self._pending: deque[tuple[tuple[Callable[[Any, int], None], Any], int]] = deque()
+        # A `_deliver` is on its way.  Set by the library's thread, cleared by
+        # `_deliver` before it looks at what is pending: whatever comes after that
+        # schedules the next one.
+        self._scheduled = False
         self._trio_cpu = current_cpu()  # written in trio, read by the library's thread
 
     def callback(self, cbk_arg: object, status: int) -> None:  # runs on the library's thread
-        with self._lock:
-            self._pending.append((cbk_arg, status))
-            first = len(self._pending) == 1
-        if first:
+        self._pending.append((cbk_arg, status))
+        if not self._scheduled:
+            self._scheduled = True
             follow(self._trio_cpu)
             self._token.run_sync_soon(self._deliver)
 
     def _deliver(self) -> None:  # runs in trio
         self._trio_cpu = current_cpu()
-        with self._lock:
-            pending, self._pending = self._pending, deque()
-        for (complete, arg), status in pending:
+        self._scheduled = False
+        pending = self._pending
+        for _ in range(len(pending)):
+            (complete, arg), status = pending.popleft()
             complete(arg, status)
 
 

@@ -7,6 +7,7 @@ itself drops a connection the first time a client's sizes line up (issue 18)."""
 from __future__ import annotations
 
 import errno
+import sys
 import threading
 
 import pytest
@@ -18,7 +19,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from pfnbd.store import Store
 from pfnbd.transmission import BufferPool
-from pfnbd.volume import PF_MAX_IO_SIZE, EmulatedClient, RangeLock, VolumeBridge
+from pfnbd.volume import PF_MAX_IO_SIZE, EmulatedClient, RangeLock, VolumeBridge, _CompletionInbox
 
 CAPACITY = 1 << 16
 SIZES = st.sampled_from([0, 512, 4096, 8192, 12288, 32768, CAPACITY, 2 * CAPACITY])  # the last: alone
@@ -309,5 +310,40 @@ def test_each_transfer_is_answered_once_with_its_first_failure(transfers, failur
             assert len(statuses) == 1, f"transfer {number} answered {statuses}"
             assert statuses[0] in expected[number] if expected[number] else statuses[0] == 0
         assert bridge._mutations._shared == {}
+
+    trio.run(main)
+
+
+def test_the_inbox_delivers_each_completion_once_while_they_keep_coming():
+    """Completions arrive from the library's thread while trio delivers earlier ones:
+    with no lock between the two, none may be lost or delivered twice."""
+    count = 50_000
+
+    async def main():
+        inbox = _CompletionInbox(trio.lowlevel.current_trio_token())
+        delivered: list[int] = []
+        all_in = trio.Event()
+
+        def complete(number: int, status: int) -> None:
+            delivered.append(number)
+            if len(delivered) == count:
+                all_in.set()
+
+        def library() -> None:
+            for number in range(count):
+                inbox.callback((complete, number), 0)
+
+        thread = threading.Thread(target=library)
+        switching = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # the GIL changes hands between any two steps
+        try:
+            thread.start()
+            with trio.fail_after(20):  # a completion lost: never all in (this takes about a second)
+                await all_in.wait()
+        finally:
+            sys.setswitchinterval(switching)
+            thread.join()
+        await trio.testing.wait_all_tasks_blocked()
+        assert delivered == list(range(count))
 
     trio.run(main)
