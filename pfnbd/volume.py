@@ -727,22 +727,19 @@ class VolumeBridge:
         if length > PF_MAX_IO_SIZE:
             pieces = [buffer[start : start + PF_MAX_IO_SIZE] for start in range(0, length, PF_MAX_IO_SIZE)]
         elif not is_write:  # the commonest request: one submit, and no span to unshare, so no countdown
-            return self._first_submit(buffer, offset, (on_done, token), False, None)
+            return not self._submit(buffer, offset, (on_done, token), False)
         else:
             pieces = [buffer]
         completion = _Callback(on_done, token, self._mutations if is_write else None, len(pieces))
         if is_write and not self._mutations.try_share(completion, offset, offset + length):
             return False
         cbk_arg = (completion.complete, 0)
-        if not self._first_submit(pieces[0], offset, cbk_arg, is_write, completion):
-            return False
-        for index, piece in enumerate(pieces[1:], 1):
-            self.counters.submits += 1
-            status = self.backend.iov_submit(
-                [piece], len(piece), offset + index * PF_MAX_IO_SIZE, self._inbox.callback, cbk_arg, is_write)
-            if status:
-                if status == -errno.EAGAIN:  # made again by `read`/`write`, or after on_done
-                    self.counters.eagain_resubmits += 1
+        for index, piece in enumerate(pieces):
+            if status := self._submit(piece, offset + index * PF_MAX_IO_SIZE, cbk_arg, is_write):
+                if not index:
+                    if is_write:
+                        self._mutations.unshare(completion)
+                    return False
                 # No completion can have run yet (they reach trio through the inbox,
                 # after this returns): only the submitted ones are awaited.
                 completion.status = status
@@ -750,19 +747,13 @@ class VolumeBridge:
                 break
         return True
 
-    def _first_submit(self, piece: memoryview, offset: int, cbk_arg: object, is_write: bool,
-                      completion: _Callback | None) -> bool:
-        """The first submit of a transfer: False when the library refuses it, and then
-        nothing is started (a write's span, shared under `completion`, is given back)."""
+    def _submit(self, piece: memoryview, offset: int, cbk_arg: object, is_write: bool) -> int:
+        """One submit of `start_transfer`'s, counted: the library's status."""
         self.counters.submits += 1
         status = self.backend.iov_submit([piece], len(piece), offset, self._inbox.callback, cbk_arg, is_write)
-        if not status:
-            return True
-        if status == -errno.EAGAIN:  # made again by `read`/`write`
+        if status == -errno.EAGAIN:  # made again by `read`/`write`, or after on_done
             self.counters.eagain_resubmits += 1
-        if is_write:
-            self._mutations.unshare(completion)
-        return False
+        return status
 
     @staticmethod
     def whole_sectors(offset: int, length: int) -> bool:
