@@ -814,7 +814,9 @@ class HeadImage(_Image):
             return aio.run(self._head, transfers)
         begun, results = [], [0] * len(transfers)
         for index, (is_write, buffer, offset) in enumerate(transfers):
-            if is_write:
+            # Once the barrier is held and no snapshot needs preserving, `_begin_write`
+            # has nothing left to do for the batch's other writes.
+            if is_write and (not self._barrier_held or self._newest is not None):
                 try:
                     self._begin_write(offset, len(buffer))
                 except OSError as error:
@@ -833,9 +835,7 @@ class HeadImage(_Image):
                         result = -(error.errno or errno.EIO)
                 results[index] = result
         finally:
-            for index in begun:
-                if transfers[index][0]:
-                    self._end_write()
+            self._end_write()  # once for the batch: it only lets the barrier go, and idempotently
         return results
 
     def punch_hole(self, offset: int, length: int) -> None:
