@@ -24,7 +24,7 @@ import pytest
 from conftest import pfnbd_command, require, run, wait_for
 from test_extended_headers import qemu10
 from test_service import report_stats, socket_activate  # noqa: F401 (fixture)
-from test_tls import log_lines, nbdinfo
+from test_tls import nbdinfo
 
 MiB = 1 << 20
 BLOCK = 4096
