@@ -72,11 +72,19 @@ _SIGNATURES = {
 }
 
 
+# Called with the GIL held: pf_iov_submit only fills an iocb and posts it to vol_proc's
+# queue (a spinlock that vol_proc holds for a pointer swap, and an eventfd write), and
+# waits on no Python thread.  Releasing the GIL around it made every submit a chance for
+# the completion thread to take the GIL, and the trio thread then waited out that
+# thread's whole batch before its next submit.
+_HOLDING_THE_GIL = {"pf_iov_submit"}
+
+
 def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
     """Loads `libs5common` from `path`, else from $PFNBD_PUREFLASH_LIB, and declares its ABI.
 
-    A CDLL (not a PyDLL): calls release the GIL, so the library's thread can run
-    completion callbacks while `pf_close_volume` waits for them.
+    A CDLL: calls release the GIL, so that `pf_close_volume` can wait for the library's
+    threads; but the functions in `_HOLDING_THE_GIL` come from a PyDLL of the same file.
     """
     path = path or os.environ.get(LIBRARY_ENV)
     if not path:
@@ -85,14 +93,16 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         )
     try:
         library = ctypes.CDLL(os.fspath(path))
+        holding_the_gil = ctypes.PyDLL(os.fspath(path))  # the same handle: dlopen counts it
     except OSError as error:
         raise VolumeOpenError(f"cannot load the PureFlash client library: {error}") from None
     for name, (restype, argtypes) in _SIGNATURES.items():
         try:
-            function = getattr(library, name)
+            function = getattr(holding_the_gil if name in _HOLDING_THE_GIL else library, name)
         except AttributeError:
             raise VolumeOpenError(f"{path} is not a PureFlash client library: it has no {name}") from None
         function.restype, function.argtypes = restype, argtypes
+        setattr(library, name, function)
     return library
 
 
@@ -242,35 +252,33 @@ class PureFlashClient:
 class _InFlight:
     """A submit from `pf_iov_submit` until the library calls back.
 
-    The binding owns, until then, the iovec array and every buffer the library may touch:
-    a write's data (the library copies it at submit, but the pins cost nothing) and a
-    read's bounce buffer, which the library fills on its own thread.  A read lands in the
-    caller's buffers only once the library is done, from the bounce buffer: so a read the
-    watchdog failed (`abandoned`) can never scribble on a buffer the caller reused."""
+    The binding owns, until then, a read's bounce buffer, which the library fills on its
+    own thread.  A read lands in the caller's buffers only once the library is done, from
+    the bounce buffer: so a read the watchdog failed (`abandoned`) can never scribble on a
+    buffer the caller reused.  A write's data the library copies at submit."""
 
-    iovecs: ctypes.Array
-    pins: list[ctypes.Array]
     callback: IoHandler
     cbk_arg: object
     deadline: float
     read_into: Sequence[memoryview] | None  # a read's destination
-    bounce: _Bounce | None = None  # what the library reads into instead
+    bounce: _Bounce | None  # what the library reads into instead
     abandoned: bool = False
 
 
 @attrs.frozen
 class _Bounce:
-    """A read's buffer of the binding's own, with its iovec array: kept for reuse."""
+    """A buffer of the binding's own, with its iovec array, kept for reuse: what the
+    library reads into, or what a write is gathered into for the library to copy."""
 
     data: memoryview
-    iovecs: ctypes.Array
+    iovec: Iovec  # over `data`, which `pin` keeps exported for as long as the bounce lives
     pin: ctypes.Array
 
     @classmethod
     def new(cls, length: int) -> _Bounce:
         data = memoryview(bytearray(length))
-        iovecs, (pin,) = _iovec_array([data])
-        return cls(data, iovecs, pin)
+        pin = (ctypes.c_char * length).from_buffer(data)
+        return cls(data, Iovec(ctypes.addressof(pin), length), pin)
 
 
 class PureFlashVolume:
@@ -338,27 +346,35 @@ class PureFlashVolume:
             slot = self._free.pop()
         except IndexError:
             return -errno.EAGAIN
-        deadline = time.monotonic() + self.io_deadline
+        kept = self._bounces.get(length)
+        bounce = kept.pop() if kept else _Bounce.new(length)
         if is_write:
-            iovecs, pins = _iovec_array(iov)
-            io = _InFlight(iovecs, pins, callback, cbk_arg, deadline, None)
-        else:
-            kept = self._bounces.get(length)
-            bounce = kept.pop() if kept else _Bounce.new(length)
-            io = _InFlight(bounce.iovecs, [bounce.pin], callback, cbk_arg, deadline, iov, bounce)
+            # One copy into a buffer whose iovec array is built already: cheaper than an
+            # array and a pin per submit over the caller's buffers.
+            position = 0
+            for buffer in iov:
+                bounce.data[position : position + len(buffer)] = buffer
+                position += len(buffer)
         # Registered first: the completion may come before pf_iov_submit returns.
-        self._in_flight[slot] = io
+        self._in_flight[slot] = _InFlight(
+            callback, cbk_arg, time.monotonic() + self.io_deadline, None if is_write else iov,
+            None if is_write else bounce)
         status = self._library.pf_iov_submit(
-            self.handle, io.iovecs, len(io.iovecs), length, offset, self._handler, self._cbk_args[slot], int(is_write))
+            self.handle, bounce.iovec, 1, length, offset, self._handler, self._cbk_args[slot], int(is_write))
+        if is_write:  # copied by the library: free again
+            self._keep(bounce)
         if status:
             self._release(slot)
         return status
+
+    def _keep(self, bounce: _Bounce) -> None:
+        self._bounces.setdefault(len(bounce.data), []).append(bounce)
 
     def _release(self, slot: int) -> None:
         io = self._in_flight[slot]
         self._in_flight[slot] = None
         if io.bounce is not None:
-            self._bounces.setdefault(len(io.bounce.data), []).append(io.bounce)
+            self._keep(io.bounce)
         self._free.append(slot)
 
     def _drain(self) -> None:  # the volume's completion thread
@@ -456,23 +472,6 @@ class PureFlashVolume:
         self._ring = None
         if any(io is not None for io in self._in_flight):
             log.error("volume %s closed with I/Os never completed", self.name)
-
-
-def _iovec_array(buffers: Sequence[memoryview]) -> tuple[ctypes.Array, list[ctypes.Array]]:
-    """A C iovec array over `buffers`, plus the ctypes objects that pin them."""
-    iovecs = (Iovec * len(buffers))()
-    pinned = []
-    for slot, buffer in zip(iovecs, buffers):
-        view = memoryview(buffer)
-        array_type = ctypes.c_char * len(view)
-        # from_buffer needs a writable buffer.  A read-only one (the bridge's shared
-        # zeros) is only ever write data, which the library copies at submit anyway,
-        # so a private copy of it is as good and never lets C touch immutable memory.
-        c_buffer = array_type.from_buffer_copy(view) if view.readonly else array_type.from_buffer(view)
-        slot.iov_base = ctypes.addressof(c_buffer)
-        slot.iov_len = len(view)
-        pinned.append(c_buffer)
-    return iovecs, pinned
 
 
 __all__ = ["COMPLETIONS_ENV", "COMPLETIONS_NAME", "LIBRARY_ENV", "PureFlashClient", "PureFlashVolume", "VolumeInfo", "load_library"]
