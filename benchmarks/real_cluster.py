@@ -6,7 +6,8 @@ Starts a single-node cluster with scripts/pureflash-cluster (build cached) under
 directory in --workdir (the tray gets 11 GB written: a real disk, not a tmpfs), creates a
 1 GiB volume, and per round runs each workload twice: `pf_loadgen` (benchmarks/
 pf_loadgen.c, compiled here) on the library, and fio's nbd engine against `pfnbd serve
---backend pureflash`, both at the same block size and queue depth. Prints the medians
+--backend pureflash`, both at the same block size and queue depth, each round in an
+order one place on from the last. Prints the medians
 and pfnbd / direct. With --baseline DIR, the pfnbd of another checkout (say, main before a
 change) runs too, on the same cluster and volume in the same rounds, so that a change is
 compared within one run on a noisy machine. Stops the cluster and removes its tray at the end.
@@ -92,9 +93,11 @@ def start_pfnbd(directory: Path, library: str, repo: Path, label: str) -> tuple[
     socket = directory / f"{label}.sock"
     env = {**os.environ, "PFNBD_PUREFLASH_LIB": library, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     log = open(directory / f"{label}.log", "w")
+    # Run in `repo`: `python -m` puts the working directory ahead of PYTHONPATH, so from
+    # this checkout's root a baseline would import this checkout's pfnbd.
     server = subprocess.Popen([sys.executable, "-m", "pfnbd", "serve", "--backend", "pureflash",
                                "--conf", str(directory / "pf.conf"), "--volume", VOLUME,
-                               "--socket", str(socket)], env=env, stdout=log, stderr=subprocess.STDOUT)
+                               "--socket", str(socket)], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     deadline = time.monotonic() + 60
     while not socket.exists():
@@ -133,17 +136,25 @@ def main() -> None:
             servers["baseline"] = start_pfnbd(directory, library, options.baseline.resolve(), "baseline")
         # Written once end to end first, so reads do not meet never-written space.
         direct_iops(loadgen, library, directory / "pf.conf", WORKLOADS[3], max(10, options.runtime))
+        columns = ["direct", *servers]
+
+        def measure(name: str, workload: Workload) -> float:
+            if name == "direct":
+                return direct_iops(loadgen, library, directory / "pf.conf", workload, options.runtime)
+            return nbd_iops(servers[name][1], directory / "fio.json", workload, options.runtime)
+
         for round_number in range(options.rounds):
+            # Each round starts one column further on, so that each takes every place
+            # in turn: whatever a run leaves the cluster with (its pollers spinning, its
+            # disk's queue) falls on every column alike, not always on the same one.
+            shift = round_number % len(columns)
             for workload in WORKLOADS:
-                results.setdefault((workload.label, "direct"), []).append(workload.value(
-                    direct_iops(loadgen, library, directory / "pf.conf", workload, options.runtime)))
-                for name, (_, uri) in servers.items():
-                    results.setdefault((workload.label, name), []).append(workload.value(
-                        nbd_iops(uri, directory / "fio.json", workload, options.runtime)))
+                for name in columns[shift:] + columns[:shift]:
+                    results.setdefault((workload.label, name), []).append(workload.value(measure(name, workload)))
                 # Each round's figures too: on a busy machine they spread as far as the
                 # ratios between the columns, which the medians alone would hide.
                 print(f"round {round_number + 1}: {workload.label}: " + ", ".join(
-                    f"{name} {results[(workload.label, name)][-1]:.1f}" for name in ["direct", *servers]),
+                    f"{name} {results[(workload.label, name)][-1]:.1f}" for name in columns),
                     file=sys.stderr)
     finally:
         for server, _ in servers.values():
@@ -154,7 +165,6 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
     print("\n".join(machine_lines()))
-    columns = ["direct", *servers]
     print(f"{'workload':32} {'unit':6} " + " ".join(f"{name:>10}" for name in columns)
           + " " + " ".join(f"{name + '/direct':>15}" for name in servers))
     for workload in WORKLOADS:
