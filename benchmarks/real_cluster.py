@@ -91,10 +91,11 @@ def nbd_iops(uri: str, output: Path, workload: Workload, runtime: int) -> float:
 def start_pfnbd(directory: Path, library: str, repo: Path, label: str) -> tuple[subprocess.Popen, str]:
     """`pfnbd serve` from the checkout `repo`, on a socket and log named by `label`."""
     socket = directory / f"{label}.sock"
-    env = {**os.environ, "PFNBD_PUREFLASH_LIB": library, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PFNBD_PUREFLASH_LIB": library}
     log = open(directory / f"{label}.log", "w")
-    # Run in `repo`: `python -m` puts the working directory ahead of PYTHONPATH, so from
-    # this checkout's root a baseline would import this checkout's pfnbd.
+    # Run in `repo`: `python -m` imports from the working directory first, ahead of
+    # PYTHONPATH, so that is what picks the checkout (a PYTHONPATH naming `repo` did not,
+    # started from this checkout's root).
     server = subprocess.Popen([sys.executable, "-m", "pfnbd", "serve", "--backend", "pureflash",
                                "--conf", str(directory / "pf.conf"), "--volume", VOLUME,
                                "--socket", str(socket)], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -267,8 +267,8 @@ class _InFlight:
 
 @attrs.frozen
 class _Bounce:
-    """A buffer of the binding's own, with its iovec array, kept for reuse: what the
-    library reads into, or what a write is gathered into for the library to copy."""
+    """A buffer of the binding's own, with its iovec, kept for reuse: what the library
+    reads into, or what a write is gathered into for the library to copy."""
 
     data: memoryview
     iovec: Iovec  # over `data`, which `pin` keeps exported for as long as the bounce lives
@@ -349,7 +349,7 @@ class PureFlashVolume:
         kept = self._bounces.get(length)
         bounce = kept.pop() if kept else _Bounce.new(length)
         if is_write:
-            # One copy into a buffer whose iovec array is built already: cheaper than an
+            # One copy into a buffer whose iovec is built already: cheaper than an iovec
             # array and a pin per submit over the caller's buffers.
             position = 0
             for buffer in iov:
