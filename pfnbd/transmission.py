@@ -380,9 +380,22 @@ class Transmission:
             log.warning("flush at shutdown failed: %s", error)
 
     async def _read_requests(self) -> None:
+        """Reads requests and starts them, for as long as the connection lasts.
+
+        The transfers the requests of one receive start are submitted together
+        (`VolumeBridge.submit_started`) before the reader waits for anything: for
+        more bytes, for room, or for requests to be answered."""
+        submit_started = self._bridge.submit_started
+        try:
+            await self._read_and_start()
+        finally:  # an error or a cancellation ends the reader: what it started is still submitted
+            submit_started()
+
+    async def _read_and_start(self) -> None:
         extended = self._agreement.extended_headers
         debug = log.isEnabledFor(logging.DEBUG)  # asked once: the level is set before serving
         receiver = self._receiver
+        submit_started = self._bridge.submit_started
         layout, expected_magic = REQUEST_LAYOUTS[extended]
         new_request = partial(tuple.__new__, Request)
         while not self._shutting_down:
@@ -390,6 +403,7 @@ class Transmission:
             # receive brought are read in one go.
             header = receiver.take_unpacked(layout)
             if header is None:
+                submit_started()
                 self._awaiting_header = True
                 try:
                     header = layout.unpack(await receiver.receive_exactly(layout.size))
@@ -405,17 +419,21 @@ class Transmission:
                 log.debug("request %s", request)
             if request.command == DISC:
                 return
-            while self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
-                await self._answered.park()
+            if self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
+                submit_started()
+                while self._in_flight >= MAX_REQUESTS_IN_FLIGHT:
+                    await self._answered.park()
             # The export's I/O limits, before the payload is read and anything submitted:
             # a throttled client's bytes wait in its socket.
             if self._throttle.limited and (is_write := THROTTLED.get(request.command)) is not None:
+                submit_started()
                 await self._throttle.admit(is_write, request.length)
             self._in_flight += 1
             self._unanswered[id(request)] = (request, received)
             try:
                 taken, refusal = self._take_now(request), None
                 if taken is None:
+                    submit_started()
                     taken, refusal = await self._receive_payload(request)
             except BaseException:
                 if self._unanswered is not None:  # no ESHUTDOWN went for it: nothing will answer it
@@ -551,7 +569,8 @@ class Transmission:
 
     def _transfer_failed(self, request: Request, taken: Taken, status: int) -> None:
         if self._bridge.retryable(status):
-            self._bridge.counters.retries += 1
+            if status != -errno.EAGAIN:  # a submit refused, which the bridge counted as such
+                self._bridge.counters.retries += 1
             self._handlers.start_soon(self._handle, request, taken, None)  # retried there
             return
         try:

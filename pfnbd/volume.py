@@ -647,6 +647,9 @@ class VolumeBridge:
         self._flush_failure: VolumeIOError | None = None
         self._closed = False
         self.counters = BackendCounters()
+        # What `start_transfer` started and `submit_started` has not submitted yet:
+        # (piece, offset, cbk_arg, is_write).  Trio's alone.
+        self._started: list[tuple[memoryview, int, object, bool]] = []
 
     # -- submitting -------------------------------------------------------
 
@@ -714,41 +717,44 @@ class VolumeBridge:
                        on_done: Callable[[T, int], None], token: T) -> bool:
         """Starts a transfer of whole sectors, 128 KiB a submit, with no task to park.
 
+        Its submits are made by the next `submit_started`: the caller starts the
+        transfers one receive brought, then submits them back to back, so that the
+        library's thread is woken once for all of them rather than once each.
+
         `on_done(token, status)` runs in trio once every submit has completed: 0, or
-        the first status one failed with (`retryable` says whether `read`/`write`
-        would have tried again; a submit refused once others are in flight counts as
-        such a failure).  False, with nothing started, when only `read`/`write` can
-        do it: not whole sectors, in conflict with a mutation, or the first submit
-        refused.
+        the first status one failed with, a submit the library refused included
+        (`retryable` says whether `read`/`write` would have tried again).  False, with
+        nothing started, when only `read`/`write` can do it: not whole sectors, or in
+        conflict with a mutation.
         """
         length = len(buffer)
         if not (length and self.whole_sectors(offset, length)) or (is_write and self._flush_failure):
             return False
-        if length > PF_MAX_IO_SIZE:
-            pieces = [buffer[start : start + PF_MAX_IO_SIZE] for start in range(0, length, PF_MAX_IO_SIZE)]
-        elif not is_write:  # the commonest request: one submit, and no span to unshare, so no countdown
-            return not self._submit(buffer, offset, (on_done, token), False)
-        else:
-            pieces = [buffer]
+        started = self._started
+        if length <= PF_MAX_IO_SIZE and not is_write:  # the commonest request: one submit, no span to unshare
+            started.append((buffer, offset, (on_done, token), False))
+            return True
+        pieces = range(0, length, PF_MAX_IO_SIZE)
         completion = _Callback(on_done, token, self._mutations if is_write else None, len(pieces))
         if is_write and not self._mutations.try_share(completion, offset, offset + length):
             return False
         cbk_arg = (completion.complete, 0)
-        for index, piece in enumerate(pieces):
-            if status := self._submit(piece, offset + index * PF_MAX_IO_SIZE, cbk_arg, is_write):
-                if not index:
-                    if is_write:
-                        self._mutations.unshare(completion)
-                    return False
-                # No completion can have run yet (they reach trio through the inbox,
-                # after this returns): only the submitted ones are awaited.
-                completion.status = status
-                completion.outstanding = index
-                break
+        started += [(buffer[start : start + PF_MAX_IO_SIZE], offset + start, cbk_arg, is_write) for start in pieces]
         return True
 
+    def submit_started(self) -> None:
+        """Makes the submits of the transfers started since the last call.  Whoever
+        starts transfers calls it before it waits for anything: their completions,
+        which it may be waiting for, come only once they are submitted.  A submit the
+        library refuses completes at once with its status."""
+        started, self._started = self._started, []
+        for piece, offset, cbk_arg, is_write in started:
+            if status := self._submit(piece, offset, cbk_arg, is_write):
+                complete, arg = cbk_arg
+                complete(arg, status)
+
     def _submit(self, piece: memoryview, offset: int, cbk_arg: object, is_write: bool) -> int:
-        """One submit of `start_transfer`'s, counted: the library's status."""
+        """One submit of `submit_started`'s, counted: the library's status."""
         self.counters.submits += 1
         status = self.backend.iov_submit([piece], len(piece), offset, self._inbox.callback, cbk_arg, is_write)
         if status == -errno.EAGAIN:  # made again by `read`/`write`, or after on_done

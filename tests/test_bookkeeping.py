@@ -295,14 +295,15 @@ def test_each_transfer_is_answered_once_with_its_first_failure(transfers, failur
         bridge = VolumeBridge(backend)
         answers: dict[int, list[int]] = {}
         expected: dict[int, set[int]] = {}
-        offset = 0
+        offset = first = 0  # `first`: the number of the transfer's first submit
         for number, (pieces, is_write) in enumerate(transfers):
-            first = len(backend.submitted)
             buffer = memoryview(bytearray(pieces * PF_MAX_IO_SIZE))
             assert bridge.start_transfer(offset, buffer, is_write,
                                          lambda number, status: answers.setdefault(number, []).append(status), number)
             expected[number] = {failures[n] for n in range(first, first + pieces) if n in failures}
             offset += len(buffer)
+            first += pieces
+        bridge.submit_started()
         backend.complete_all()
         await trio.testing.wait_all_tasks_blocked()
         assert sorted(answers) == list(range(len(transfers)))

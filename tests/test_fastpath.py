@@ -1,6 +1,7 @@
 """The data path built for speed: its memory bound, and the pieces it is made of."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import trio
 import trio.testing
 
 from conftest import run_libnbd
+from fuzz.nbdwire import Cmd, NbdClient, Pending, pattern, request_header
 from pfnbd.streams import Receiver, Sender, _drop_sent, _runs
 from pfnbd.transmission import BufferPool
 from pfnbd.volume import RangeLock
@@ -70,6 +72,68 @@ def test_sixteen_connections_of_32_mib_requests_stay_within_the_memory_bound(sta
     assert out.split() == ["ok"], out + server.log()
     print(f"peak RSS with sixteen connections of 32 MiB requests: {peak:.0f} MiB")
     assert peak < 16 * 32 + 160, f"peak RSS {peak:.0f} MiB"
+
+
+def send_reads(client: NbdClient, count: int, length: int) -> None:
+    """`count` READs of `length` bytes, back to back, in one send: the server receives
+    them together."""
+    for cookie in range(count):
+        client.track(cookie, Pending(Cmd.READ, 0, cookie * length, length))
+    client.send(b"".join(request_header(Cmd.READ, cookie * length, length, cookie=cookie) for cookie in range(count)))
+
+
+def test_more_requests_in_one_receive_than_may_be_in_flight_are_all_answered(start_server):
+    """The reader starts the reads of one receive and submits them together, before it
+    waits for anything: here, for replies to make room under its limit of requests in
+    flight.  Were they not submitted first, that wait would never end."""
+    server = start_server({"test_v1": "64M"})
+    data = pattern(5, 300 * 4096)
+    with NbdClient.unix(server.socket) as client:
+        client.handshake()
+        client.go("test_v1")
+        client.write(0, data)
+        send_reads(client, 300, 4096)
+        replies = client.collect()
+    assert all(reply.error == 0 for reply in replies.values())
+    assert b"".join(bytes(replies[cookie].data) for cookie in range(300)) == data
+
+
+def test_writes_sent_with_disc_in_one_send_are_carried_out_and_answered(start_server):
+    """DISC ends the reader at once: the writes it started before are still submitted,
+    answered, and on the volume."""
+    server = start_server({"test_v1": "64M"})
+    data = pattern(6, 8 * 4096)
+    with NbdClient.unix(server.socket) as client:
+        client.handshake()
+        client.go("test_v1")
+        for cookie in range(8):
+            client.track(cookie, Pending(Cmd.WRITE, 0, cookie * 4096, 4096))
+        client.send(b"".join(request_header(Cmd.WRITE, cookie * 4096, 4096, cookie=cookie)
+                             + data[cookie * 4096 : (cookie + 1) * 4096] for cookie in range(8))
+                    + request_header(Cmd.DISC))
+        replies = client.collect()
+        assert client.expect_disconnect() == b""
+    assert sorted(replies) == list(range(8)) and all(reply.error == 0 for reply in replies.values())
+    with NbdClient.unix(server.socket) as check:
+        check.handshake()
+        check.go("test_v1")
+        assert check.read(0, len(data)) == data
+
+
+def test_a_read_started_is_not_held_back_by_the_throttle_of_the_next(start_server):
+    """At one read a second, the second read of a pair sent together waits most of a
+    second for the throttle; the first, admitted at once, is answered at once."""
+    server = start_server({"test_v1": "64M"}, "--throttle", "iops_rd=1")
+    with NbdClient.unix(server.socket) as client:
+        client.handshake()
+        client.go("test_v1")
+        started = time.monotonic()
+        send_reads(client, 2, 4096)
+        client.receive_reply()
+        first = time.monotonic() - started
+        client.receive_reply()
+        second = time.monotonic() - started
+    assert first < 0.5 <= second, (first, second)
 
 
 def test_drop_sent_keeps_what_a_partial_sendmsg_left():

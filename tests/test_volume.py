@@ -278,6 +278,7 @@ def test_start_transfer_runs_a_request_as_many_submits_and_answers_once(store):
     async def body(bridge):
         answers = Answers()
         assert bridge.start_transfer(8192, memoryview(bytearray(payload)), True, answers, answers)
+        bridge.submit_started()
         await answers.first.wait()
         await trio.sleep(0.05)  # a second answer would come in this time
         return answers.statuses, bytes(await bridge.read(8192, len(payload)))
@@ -287,15 +288,33 @@ def test_start_transfer_runs_a_request_as_many_submits_and_answers_once(store):
 
 def test_start_transfer_refused_midway_reports_a_retryable_status(store):
     async def body(bridge):
-        answers = Answers()
+        answers, refused = Answers(), Answers()
         # A pool of two requests: the third submit of four is refused.
         assert bridge.start_transfer(0, memoryview(bytearray(4 * PF_MAX_IO_SIZE)), False, answers, answers)
-        # With the pool full, a first submit refused starts nothing.
-        assert not bridge.start_transfer(0, memoryview(bytearray(4096)), True, answers, answers)
+        # With the pool full, a transfer whose only submit is refused is answered at once.
+        assert bridge.start_transfer(0, memoryview(bytearray(4096)), True, refused, refused)
+        bridge.submit_started()
+        assert refused.statuses == [-errno.EAGAIN]
         await answers.first.wait()
         return answers.statuses, bridge.retryable(answers.statuses[0])
 
     assert run_bridge(store, body, io_depth=1, faults=Faults(delay=0.2)) == ([-errno.EAGAIN], True)
+
+
+def test_started_transfers_wait_for_submit_started(store):
+    """Nothing reaches the library before `submit_started`: the reader's requests of
+    one receive go to it together."""
+
+    async def body(bridge):
+        answers = Answers()
+        assert bridge.start_transfer(0, memoryview(bytearray(4096)), False, answers, answers)
+        await trio.sleep(0.05)
+        before = list(answers.statuses), bridge.counters.submits
+        bridge.submit_started()
+        await answers.first.wait()
+        return before, answers.statuses, bridge.counters.submits
+
+    assert run_bridge(store, body) == (([], 0), [0], 1)
 
 
 def test_start_transfer_takes_only_whole_sectors(store):
