@@ -120,6 +120,25 @@ def test_writes_sent_with_disc_in_one_send_are_carried_out_and_answered(start_se
         assert check.read(0, len(data)) == data
 
 
+def test_a_write_started_is_answered_while_the_next_payload_is_awaited(start_server):
+    """The reader waits for the rest of the second write's payload; the first write,
+    started from the same receive, is submitted and answered meanwhile: the client sends
+    the rest only once it has that answer."""
+    server = start_server({"test_v1": "64M"})
+    first, second = pattern(7, 4096), pattern(8, 1 << 20)
+    with NbdClient.unix(server.socket) as client:
+        client.handshake()
+        client.go("test_v1")
+        client.track(1, Pending(Cmd.WRITE, 0, 0, len(first)))
+        client.track(2, Pending(Cmd.WRITE, 0, 4096, len(second)))
+        client.send(request_header(Cmd.WRITE, 0, len(first), cookie=1) + first
+                    + request_header(Cmd.WRITE, 4096, len(second), cookie=2) + second[:1000])
+        assert client.receive_reply().cookie == 1
+        client.send(second[1000:])
+        assert client.receive_reply().cookie == 2
+        assert client.read(0, 4096 + len(second)) == first + second
+
+
 def test_a_read_started_is_not_held_back_by_the_throttle_of_the_next(start_server):
     """At one read a second, the second read of a pair sent together waits most of a
     second for the throttle; the first, admitted at once, is answered at once."""
