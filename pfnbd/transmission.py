@@ -385,11 +385,10 @@ class Transmission:
         The transfers the requests of one receive start are submitted together
         (`VolumeBridge.submit_started`) before the reader waits for anything: for
         more bytes, for room, or for requests to be answered."""
-        submit_started = self._bridge.submit_started
         try:
             await self._read_and_start()
         finally:  # an error or a cancellation ends the reader: what it started is still submitted
-            submit_started()
+            self._bridge.submit_started()
 
     async def _read_and_start(self) -> None:
         extended = self._agreement.extended_headers
@@ -569,7 +568,9 @@ class Transmission:
 
     def _transfer_failed(self, request: Request, taken: Taken, status: int) -> None:
         if self._bridge.retryable(status):
-            if status != -errno.EAGAIN:  # a submit refused, which the bridge counted as such
+            # -EAGAIN is how the library refuses a submit, which the bridge counted as an
+            # EAGAIN resubmit already; any other status is a completion's, retried.
+            if status != -errno.EAGAIN:
                 self._bridge.counters.retries += 1
             self._handlers.start_soon(self._handle, request, taken, None)  # retried there
             return
