@@ -25,7 +25,7 @@ from .counters import RequestCounters
 from .negotiation import Agreement, RemoteProtocolError
 from .streams import Buffer, ClientDisconnected, Receiver, Sender
 from .throttle import Throttle
-from .volume import CACHE_CHUNK, VolumeBridge, VolumeIOError
+from .volume import CACHE_CHUNK, SUBMIT_REFUSED, VolumeBridge, VolumeIOError
 
 log = logging.getLogger(__name__)
 
@@ -568,9 +568,9 @@ class Transmission:
 
     def _transfer_failed(self, request: Request, taken: Taken, status: int) -> None:
         if self._bridge.retryable(status):
-            # -EAGAIN is how the library refuses a submit, which the bridge counted as an
-            # EAGAIN resubmit already; any other status is a completion's, retried.
-            if status != -errno.EAGAIN:
+            # A refused submit was counted as an EAGAIN resubmit already; any other
+            # status is a completion's, -EAGAIN included, and this is its retry.
+            if status != SUBMIT_REFUSED:
                 self._bridge.counters.retries += 1
             self._handlers.start_soon(self._handle, request, taken, None)  # retried there
             return

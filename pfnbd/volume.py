@@ -575,7 +575,12 @@ DISCARD_CHUNK = 1 << 30
 # connection to a store node and may find another (PureFlash message statuses).
 PF_STATUS_CONNECTION_LOST = 0xC3
 PF_STATUS_NO_RESOURCE = 0xCF
-RETRYABLE = {-errno.EAGAIN, PF_STATUS_CONNECTION_LOST, PF_STATUS_NO_RESOURCE}
+# What `submit_started` completes a submit with that the library refused with -EAGAIN
+# (counted then as an EAGAIN resubmit), so that its caller can tell it from an
+# -EAGAIN the library's callback reports for an I/O it took, which is a retry.  No
+# status of the library's is this value: it is neither an errno nor a message status.
+SUBMIT_REFUSED = -errno.EAGAIN - (1 << 16)
+RETRYABLE = {-errno.EAGAIN, PF_STATUS_CONNECTION_LOST, PF_STATUS_NO_RESOURCE, SUBMIT_REFUSED}
 RETRY_TIME_LIMIT = 30.0  # as PureFlash's io_timeout: past it, the cluster is gone
 RETRY_FIRST_DELAY = 1e-3
 RETRY_MAX_DELAY = 1.0
@@ -723,7 +728,8 @@ class VolumeBridge:
 
         `on_done(token, status)` runs in trio once every submit has completed: 0, or
         the first status one failed with, a submit the library refused included
-        (`retryable` says whether `read`/`write` would have tried again).  False, with
+        (with `SUBMIT_REFUSED` for its -EAGAIN; `retryable` says whether `read`/`write`
+        would have tried again).  False, with
         nothing started, when only `read`/`write` can do it: not whole sectors, or in
         conflict with a mutation.
         """
@@ -746,12 +752,12 @@ class VolumeBridge:
         """Makes the submits of the transfers started since the last call.  Whoever
         starts transfers calls it before it waits for anything: their completions,
         which it may be waiting for, come only once they are submitted.  A submit the
-        library refuses completes at once with its status."""
+        library refuses completes at once with its status (-EAGAIN as `SUBMIT_REFUSED`)."""
         started, self._started = self._started, []
         for piece, offset, cbk_arg, is_write in started:
             if status := self._submit(piece, offset, cbk_arg, is_write):
                 complete, arg = cbk_arg
-                complete(arg, status)
+                complete(arg, SUBMIT_REFUSED if status == -errno.EAGAIN else status)
 
     def _submit(self, piece: memoryview, offset: int, cbk_arg: object, is_write: bool) -> int:
         """One submit of `submit_started`'s, counted: the library's status."""

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pfnbd.store import Store
 from pfnbd.volume import (
-    PF_MAX_IO_SIZE, EmulatedClient, Faults, VolumeBridge, VolumeIOError, ZERO_PIECE, chunk_buffers,
+    PF_MAX_IO_SIZE, SUBMIT_REFUSED, EmulatedClient, Faults, VolumeBridge, VolumeIOError, ZERO_PIECE, chunk_buffers,
 )
 
 SIZE = 4 * 1024 * 1024
@@ -294,11 +294,11 @@ def test_start_transfer_refused_midway_reports_a_retryable_status(store):
         # With the pool full, a transfer whose only submit is refused is answered at once.
         assert bridge.start_transfer(0, memoryview(bytearray(4096)), True, refused, refused)
         bridge.submit_started()
-        assert refused.statuses == [-errno.EAGAIN]
+        assert refused.statuses == [SUBMIT_REFUSED]
         await answers.first.wait()
-        return answers.statuses, bridge.retryable(answers.statuses[0])
+        return answers.statuses, bridge.retryable(answers.statuses[0]), bridge.counters.eagain_resubmits
 
-    assert run_bridge(store, body, io_depth=1, faults=Faults(delay=0.2)) == ([-errno.EAGAIN], True)
+    assert run_bridge(store, body, io_depth=1, faults=Faults(delay=0.2)) == ([SUBMIT_REFUSED], True, 3)
 
 
 def test_started_transfers_wait_for_submit_started(store):
