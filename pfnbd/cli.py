@@ -260,7 +260,9 @@ def volume_import(
     volumes = _volumes(ctx, backend, conf)
     progress = _progress(f"importing {source}")
     if backend is Backend.PUREFLASH:
-        size = import_cluster_volume(volumes, PureFlashClient(conf), name, source, progress, replicas)
+        client = PureFlashClient(conf)
+        with client.library_log_held():  # a volume it cannot open: one line
+            size = import_cluster_volume(volumes, client, name, source, progress, replicas)
     else:
         size = import_volume(volumes, name, source, progress, replicas)
     typer.echo(f"imported {source} into volume {name}: {human_size(size)}")
@@ -278,7 +280,9 @@ def volume_export(
     """Write a volume or snapshot to a sparse raw file."""
     progress = _progress(f"exporting {name}")
     if backend is Backend.PUREFLASH:
-        size = export_cluster_volume(PureFlashClient(conf), name, target, progress, force)
+        client = PureFlashClient(conf)
+        with client.library_log_held():  # a volume it cannot open: one line
+            size = export_cluster_volume(client, name, target, progress, force)
     else:
         size = export_volume(_volumes(ctx, backend, conf), name, target, progress, force)
     typer.echo(f"exported {name} to {target}: {human_size(size)}")
@@ -381,16 +385,17 @@ def serve(
             raise CliError("--io-depth and --inject-* apply to the emulated cluster only")
         # The library named by $PFNBD_PUREFLASH_LIB; I/O it holds past --retry-timeout fails.
         client = PureFlashClient(conf, io_deadline=max(retry_timeout, MIN_IO_DEADLINE))
-        names, describe = volumes, client.describe
+        names, describe, describing = volumes, client.describe, client.library_log_held()
     else:
         if conf is not None:
             raise CliError("--conf needs --backend pureflash")
         names = _emulated_exports(store, volumes, all_volumes)
         client = EmulatedClient(store, io_depth, _faults(io_depth, error_rate, error_status, delay), read_only)
-        describe = store.describe
+        describe, describing = store.describe, contextlib.nullcontext()
     if len(set(names)) != len(names):
         raise CliError("a volume is named twice in --volume")
-    specs = [ExportSpec(name, describe(name)) for name in names]  # fails early on a missing volume
+    with describing:  # fails early, in one line, on a missing volume or an unreachable cluster
+        specs = [ExportSpec(name, describe(name)) for name in names]
     if retry_timeout < 0:
         raise CliError("--retry-timeout must not be negative")
     limits = _export_limits(throttle or [], names)

@@ -14,11 +14,15 @@ enough to declare by hand, which is what cffi would have saved.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import os
+import re
 import select
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -152,8 +156,67 @@ def _c_string(text: str | None) -> bytes | None:
     return None if text is None else text.encode()
 
 
+LOG_SAYS_WHY = "the library's log says why"  # a failure with no errno of its own
+
+
 def _status_text(status: int) -> str:
-    return os.strerror(-status) if status < 0 and status != -1 else "the library's log says why"
+    return os.strerror(-status) if status < 0 and status != -1 else LOG_SAYS_WHY
+
+
+# One of the library's error lines (S5LOG_ERROR): "[ERRO date time]message(file:line:function) ".
+_ERROR_LINE = re.compile(r"^\[ERRO [^]]*\](?P<message>.*?)(?:\([^()]*:\d+:\w+\))?\s*$", re.MULTILINE)
+
+
+class _HeldStderr:
+    """What is written to file descriptor 2 from now until `release`, kept in a file.
+
+    The library and its ZooKeeper client log there from C, so only the descriptor
+    can hold their lines back.  Owner: the thread that made it, which releases it."""
+
+    def __init__(self) -> None:
+        sys.stderr.flush()
+        self._held = tempfile.TemporaryFile()
+        self._stderr = os.dup(2)
+        os.dup2(self._held.fileno(), 2)
+
+    def release(self, pass_on: bool) -> str:
+        """Gives stderr back and returns what was held, written to it first if `pass_on`."""
+        os.dup2(self._stderr, 2)
+        os.close(self._stderr)
+        with self._held:
+            self._held.seek(0)
+            data = self._held.read()
+        if pass_on:
+            with open(2, "wb", closefd=False) as stderr:
+                stderr.write(data)
+        return data.decode(errors="replace")
+
+
+class _LibraryCall:
+    """The log of one call into the library, held or not (`library_log_held`)."""
+
+    def __init__(self, held: _HeldStderr | None) -> None:
+        self._held = held
+
+    def failed(self) -> str | None:
+        """The call failed: the library's last error message from what was held, which
+        goes to stderr only with debug logging."""
+        held, self._held = self._held, None
+        if held is None:
+            return None
+        return _last_error(held.release(pass_on=log.isEnabledFor(logging.DEBUG)))
+
+    def succeeded(self) -> None:
+        """What was held goes to stderr, as if never held."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.release(pass_on=True)
+
+
+def _last_error(text: str) -> str | None:
+    """The message of the library's last error line in `text`, if it has one."""
+    messages = [match["message"].strip() for match in _ERROR_LINE.finditer(text)]
+    return next((message for message in reversed(messages) if message), None)
 
 
 def _label(name: str, snap: str | None) -> str:
@@ -209,32 +272,65 @@ class PureFlashClient:
         self._library = load_library(library)
         self._shim = load_completions(library)
         self.io_deadline = io_deadline
+        self._log_held = False  # within `library_log_held`
+
+    @contextlib.contextmanager
+    def library_log_held(self) -> Iterator[None]:
+        """Within the block, what the library logs while it opens or queries a volume
+        is passed on to stderr once the call has succeeded; when it fails, the error
+        raised gives the library's last error line as the reason, and the rest is
+        passed on only with debug logging.  So a command given a volume that does not
+        exist, or a cluster it cannot reach, says so in one line, not among hundreds of
+        the library's and ZooKeeper's.
+
+        For a command's start, while nothing else writes to stderr: the library's
+        lines are told from everyone else's only by when they come."""
+        self._log_held = True
+        try:
+            yield
+        finally:
+            self._log_held = False
+
+    @contextlib.contextmanager
+    def _library_call(self) -> Iterator[_LibraryCall]:
+        """One call to open or query a volume, its log held if `library_log_held`."""
+        held = None
+        if self._log_held:
+            try:
+                held = _HeldStderr()
+            except OSError as error:  # no temporary file: the library's lines go by as they come
+                log.debug("cannot hold the library's log back: %s", error)
+        call = _LibraryCall(held)
+        try:
+            yield call
+        finally:
+            call.succeeded()  # whatever is still held: nothing failed, or not in the library
 
     def _conf_arg(self) -> bytes | None:
         return None if self.conf is None else os.fsencode(self.conf)
 
     def open_volume(self, name: str, snap: str | None = None, lib_ver: int = S5_LIB_VER) -> PureFlashVolume:
         """Opens a volume's head, or read-only one of its snapshots."""
-        with started_away():  # the threads it starts (pfnbd/cpus.py)
+        with self._library_call() as call, started_away():  # the threads it starts (pfnbd/cpus.py)
             handle = self._library.pf_open_volume(_c_string(name), self._conf_arg(), _c_string(snap), lib_ver)
-        if not handle:  # NULL is all the library says; it logs the reason itself
-            raise VolumeOpenError(
-                f"cannot open PureFlash volume {_label(name, snap)} "
-                f"(configuration {self.conf or DEFAULT_CONF}): the library's log says why"
-            )
+            if not handle:  # NULL is all the library says; it logs the reason itself
+                raise VolumeOpenError(
+                    f"cannot open PureFlash volume {_label(name, snap)} (configuration "
+                    f"{self.conf or DEFAULT_CONF}): {call.failed() or LOG_SAYS_WHY}")
         return PureFlashVolume(self._library, self._shim, handle, name, snap, self.io_deadline)
 
     def query_volume_info(self, name: str, snap: str | None = None, lib_ver: int = S5_LIB_VER) -> VolumeInfo:
         info = PfClientVolumeInfo()  # zeroed: some library versions leave fields unset
-        status = self._library.pf_query_volume_info(
-            _c_string(name), self._conf_arg(), _c_string(snap), lib_ver, ctypes.byref(info)
-        )
-        if status == -errno.ENOENT:
-            raise VolumeOpenError(f"no PureFlash volume {_label(name, snap)}")
-        if status:
-            raise VolumeOpenError(
-                f"cannot query PureFlash volume {_label(name, snap)}: {_status_text(status)}"
+        with self._library_call() as call:
+            status = self._library.pf_query_volume_info(
+                _c_string(name), self._conf_arg(), _c_string(snap), lib_ver, ctypes.byref(info)
             )
+            if status == -errno.ENOENT:  # the library's "not exists or can't be open" says no more
+                call.failed()
+                raise VolumeOpenError(f"no PureFlash volume {_label(name, snap)}")
+            if status:
+                raise VolumeOpenError(f"cannot query PureFlash volume {_label(name, snap)}: "
+                                      f"{call.failed() or _status_text(status)}")
         return VolumeInfo.from_struct(info)
 
     def describe(self, name: str) -> str:

@@ -499,6 +499,11 @@ def test_serve_backend_pureflash_with_qemu_io(cluster, start_server, monkeypatch
 
     assert server.stop() == 0
     assert image.read_bytes() == expected_after_qemu_io()
+    # The library's lines of the queries made before serving (the head's, for each
+    # export), held while they ran, are passed on once they succeeded.
+    queries = [line for line in server.log().splitlines()
+               if "]Opening volume test_v1@HEAD(" in line and line.endswith(":pf_query_volume_info) ")]
+    assert len(queries) == 2, server.log()
 
 
 def test_serve_backend_pureflash_refuses_bad_setups(cluster, cli: Cli, tmp_path, monkeypatch):
@@ -520,3 +525,20 @@ def test_serve_backend_pureflash_refuses_bad_setups(cluster, cli: Cli, tmp_path,
     assert "cannot read the PureFlash configuration" in serve("--conf", str(tmp_path / "absent.conf"),
                                                               "--volume", "test_v1")
     assert not os.path.exists(socket)
+
+
+def test_a_volume_the_library_cannot_open_is_one_line_with_its_reason(cluster, cli: Cli, tmp_path, monkeypatch):
+    """The library logs why it failed among its other lines; the command says it in
+    one line, and `-v` shows the library's lines as they came."""
+    monkeypatch.setenv(LIBRARY_ENV, str(cluster.library))
+    conf = str(cluster.conf())
+    exported = cli.run("volume", "export", "--backend", "pureflash", "--conf", conf, "missing",
+                       str(tmp_path / "missing.raw"), check=False)
+    assert exported.returncode == 1 and exported.stderr.splitlines() == [
+        f"pfnbd: error: cannot open PureFlash volume missing (configuration {conf}): "
+        "volume missing not found: No such file or directory"], exported
+    verbose = cli.run("-v", "serve", "--backend", "pureflash", "--conf", conf, "--volume", "missing",
+                      "--socket", str(tmp_path / "never.sock"), check=False)
+    lines = verbose.stderr.splitlines()
+    assert verbose.returncode == 1 and lines[-1] == "pfnbd: error: no PureFlash volume missing", verbose
+    assert any("]Volume:missing not exists or can't be open(" in line for line in lines[:-1]), verbose

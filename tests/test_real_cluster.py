@@ -22,7 +22,7 @@ from test_pureflash import pattern
 from test_cpus import TWO_CPUS, cpu_set, threads
 from test_workers import served_by
 from pfnbd.cpus import PROCESS_CPUS
-from pfnbd.pureflash import PfClientVolumeInfo
+from pfnbd.pureflash import LIBRARY_ENV, PfClientVolumeInfo
 from pfnbd.volume import VolumeOpenError
 
 KiB = 1 << 10
@@ -151,6 +151,16 @@ def test_volume_cli_through_the_conductor(real_cluster, cli, tmp_path):
     assert f"no such volume: {name}" in refused("info", name)
     assert "volume not exists" in refused("delete", name)
     assert name not in {v["name"] for v in json.loads(pfnbd("list", "--json").stdout)}
+    # The library logs among its other lines why it cannot open a volume: the command
+    # says it in one line of its own.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(LIBRARY_ENV, str(real_cluster.library))
+        assert refused("export", name, str(tmp_path / "gone.raw")).startswith(
+            f"pfnbd: error: cannot open PureFlash volume {name} (configuration {real_cluster.conf}): ")
+        served = cli.run("serve", "--backend", "pureflash", "--conf", str(real_cluster.conf), "--volume", name,
+                         "--socket", str(tmp_path / "never.sock"), check=False)
+        assert served.returncode == 1 and served.stderr.splitlines() == [
+            f"pfnbd: error: no PureFlash volume {name}"], served
 
     elsewhere = tmp_path / "other-cluster.conf"
     elsewhere.write_text(real_cluster.conf.read_text().replace("name=cluster1", "name=nowhere"))

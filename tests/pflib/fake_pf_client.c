@@ -24,6 +24,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,6 +32,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PF_MAX_IO_DEPTH 255
@@ -88,7 +90,26 @@ struct PfClientVolume {
 	pthread_t vol_proc;
 };
 
-#define LOG(...) (fprintf(stderr, "fake_pf: " __VA_ARGS__), fputc('\n', stderr))
+/* Logged as the real library logs (common/include/pf_log.h, S5LOG_ERROR and S5LOG_INFO):
+ * "[LEVL date time]message(file:line:function) " on stderr, a line each. */
+static void s5log(const char *level, const char *file, int line, const char *function,
+		  const char *format, ...) __attribute__((format(printf, 5, 6)));
+static void s5log(const char *level, const char *file, int line, const char *function,
+		  const char *format, ...)
+{
+	char when[32];
+	time_t now = time(NULL);
+	va_list args;
+
+	strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", localtime(&now));
+	fprintf(stderr, "[%s %s.000]", level, when);
+	va_start(args, format);
+	vfprintf(stderr, format, args);
+	va_end(args);
+	fprintf(stderr, "(%s:%d:%s) \n", file, line, function);
+}
+#define LOG(...) s5log("ERRO", __FILE__, __LINE__, __func__, __VA_ARGS__)
+#define LOG_INFO(...) s5log("INFO", __FILE__, __LINE__, __func__, __VA_ARGS__)
 
 static char *trim(char *text)
 {
@@ -236,6 +257,8 @@ struct PfClientVolume *pf_open_volume(const char *volume_name, const char *cfg_f
 		LOG("caller lib version %#x mismatches lib %#x", lib_ver, S5_LIB_VER);
 		return NULL;
 	}
+	if (volume_name != NULL)
+		LOG_INFO("Opening volume %s@%s", volume_name, snap_name ? snap_name : "HEAD");
 	if (volume_name == NULL || read_conf(cfg_filename, &conf) != 0)
 		return NULL;
 	if (conf.io_depth < 1 || conf.io_depth > PF_MAX_IO_DEPTH) {
@@ -295,12 +318,15 @@ int pf_query_volume_info(const char *volume_name, const char *cfg_filename, cons
 
 	if (volume_name == NULL || out == NULL || lib_ver != S5_LIB_VER)
 		return -EINVAL;
+	LOG_INFO("Opening volume %s@%s", volume_name, snap_name ? snap_name : "HEAD");
 	if ((rc = read_conf(cfg_filename, &conf)) != 0)
 		return rc;
 	if ((rc = volume_path(&conf, volume_name, snap_name, path, sizeof path)) != 0)
 		return rc;
-	if (stat(path, &st) != 0)
+	if (stat(path, &st) != 0) {
+		LOG("Volume:%s not exists or can't be open", volume_name);
 		return -ENOENT;
+	}
 	memset(out, 0, sizeof *out);
 	snprintf(out->status, sizeof out->status, "OK");
 	snprintf(out->volume_name, sizeof out->volume_name, "%s", volume_name);
