@@ -37,7 +37,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -766,7 +766,13 @@ class HeadImage(_Image):
             fcntl.flock(self._barrier, fcntl.LOCK_SH)
             self._barrier_held = True
             self._barrier_taken = time.monotonic()
-            self._refresh()
+            try:
+                self._refresh()
+            except BaseException:
+                # Never held with snapshots not picked up: a write that found the
+                # barrier held would skip preserving what a snapshot taken meanwhile needs.
+                self._release_barrier()
+                raise
 
     def _release_barrier(self) -> None:
         if self._barrier_held:
@@ -777,9 +783,14 @@ class HeadImage(_Image):
     # 4 KiB write that would cost more than the `pwritev` itself.)
     def _begin_write(self, offset: int, length: int) -> None:
         """Holds the barrier and preserves, for the newest snapshot, what is overwritten."""
+        self._begin_writes([(offset, length)])
+
+    def _begin_writes(self, spans: Iterable[tuple[int, int]]) -> None:
+        """`_begin_write` for several writes, (offset, length) each: their chunks are
+        preserved together, with one pair of fdatasyncs for all of them."""
         self._hold_barrier()
         try:
-            self._preserve(offset, length)
+            self._preserve(spans)
         except BaseException:
             self._end_write()
             raise
@@ -788,11 +799,13 @@ class HeadImage(_Image):
         if not self._batching:
             self._release_barrier()
 
-    def _preserve(self, offset: int, length: int) -> None:
+    def _preserve(self, spans: Iterable[tuple[int, int]]) -> None:
+        """Copies, for the newest snapshot, the chunks of `spans` it still needs."""
         snapshot = self._newest
         if snapshot is None:
             return
-        needed = [c for c in _chunks(offset, length) if not self._newest_map[c]]
+        chunks = sorted({chunk for offset, length in spans for chunk in _chunks(offset, length)})
+        needed = [c for c in chunks if not self._newest_map[c]]
         snapshot.preserve(self._head, needed, self.size)
         for chunk in needed:
             self._newest_map[chunk] = 1
@@ -813,10 +826,18 @@ class HeadImage(_Image):
         if not any(is_write for is_write, _, _ in transfers):  # nothing to preserve or hold
             return aio.run(self._head, transfers)
         begun, results = [], [0] * len(transfers)
+        # The writes' chunks preserved at once, one pair of fdatasyncs for the batch
+        # (after a snapshot most writes have a chunk to preserve); if that fails, each
+        # write again on its own below, so that a failure fails only the writes it is of.
+        try:
+            self._begin_writes((offset, len(buffer)) for is_write, buffer, offset in transfers if is_write)
+            preserved = True
+        except OSError:
+            preserved = False
         for index, (is_write, buffer, offset) in enumerate(transfers):
             # Once the barrier is held and no snapshot needs preserving, `_begin_write`
             # has nothing left to do for the batch's other writes.
-            if is_write and (not self._barrier_held or self._newest is not None):
+            if is_write and not preserved and (not self._barrier_held or self._newest is not None):
                 try:
                     self._begin_write(offset, len(buffer))
                 except OSError as error:

@@ -306,3 +306,54 @@ def test_the_cli_refuses_names_outside_the_data_directory_in_one_line(cli, tmp_p
         result = cli.run(*arguments, check=False)
     assert_fails_with_one_line(result, "invalid volume name")
     assert sorted(p.name for p in elsewhere.iterdir()) == ["victim.img", "victim.json"]
+
+
+def test_a_batch_whose_snapshot_refresh_fails_writes_none_of_it_unpreserved(store):
+    """Every write of a batch fails while the new snapshot cannot be opened, the
+    second as well as the first: none reaches the head with its chunk unpreserved."""
+    head = store.open_image("v")
+    try:
+        old = b"\xaa" * (2 * CHUNK)
+        write(head, 0, old)
+        store.create_snapshot("v", "s1")  # the head learns of it at its next barrier hold
+        map_path = store._map_path("v", "s1")
+        aside = map_path.with_name("aside.map")
+        map_path.rename(aside)
+        new = memoryview(bytearray(b"\xbb" * CHUNK))
+        with head.batch():
+            results = head.transfers([(True, new, 0), (True, new, CHUNK)])
+        assert all(result < 0 for result in results), results
+        head.idle()
+        aside.rename(map_path)
+        snap = store.open_image("v@s1")
+        try:
+            assert read(snap, 0, 2 * CHUNK) == old
+        finally:
+            snap.close()
+        with head.batch():
+            assert head.transfers([(True, new, 0), (True, new, CHUNK)]) == [CHUNK, CHUNK]
+    finally:
+        head.close()
+
+
+def test_a_batch_of_writes_preserves_its_chunks_with_one_pair_of_fdatasyncs(store, monkeypatch):
+    head = store.open_image("v")
+    try:
+        old = bytes(range(256)) * (8 * CHUNK // 256)
+        write(head, 0, old)
+        store.create_snapshot("v", "s1")
+        synced = []
+        real_fdatasync = os.fdatasync
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd)))
+        new = memoryview(bytearray(b"\xbb" * 4096))
+        with head.batch():
+            assert head.transfers([(True, new, chunk * CHUNK + 512) for chunk in range(8)]) == [4096] * 8
+        monkeypatch.undo()
+        assert len(synced) == 2, synced  # the snapshot's copies, then its map
+        snap = store.open_image("v@s1")
+        try:
+            assert read(snap, 0, 8 * CHUNK) == old
+        finally:
+            snap.close()
+    finally:
+        head.close()
