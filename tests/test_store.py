@@ -357,3 +357,33 @@ def test_a_batch_of_writes_preserves_its_chunks_with_one_pair_of_fdatasyncs(stor
             snap.close()
     finally:
         head.close()
+
+
+def test_a_snapshot_delete_waits_for_the_writes_that_hold_the_barrier(store):
+    """A head holding the barrier writes into the newest snapshot it knows of; a
+    delete of that snapshot (which folds its chunks into the next older one) waits
+    until the head lets go, or the chunk preserved after the fold would be lost to the
+    older snapshot, which would then read the head's new bytes."""
+    head = store.open_image("v")
+    try:
+        old = b"\xaa" * (2 * CHUNK)
+        write(head, 0, old)
+        store.create_snapshot("v", "kept")
+        store.create_snapshot("v", "gone")
+        new = memoryview(bytearray(b"\xbb" * CHUNK))
+        deleting = threading.Thread(target=Store(store.root).delete_snapshot, args=("v", "gone"))
+        with head.batch():
+            assert head.transfers([(True, new, 0)]) == [CHUNK]  # the barrier held, "gone" known
+            deleting.start()
+            deleting.join(0.3)  # the delete waits for the barrier (without it: done by now)
+            assert head.transfers([(True, new, CHUNK)]) == [CHUNK]
+        head.idle()
+        deleting.join(10)
+        assert not deleting.is_alive()
+        kept = store.open_image("v@kept")
+        try:
+            assert read(kept, 0, 2 * CHUNK) == old
+        finally:
+            kept.close()
+    finally:
+        head.close()
