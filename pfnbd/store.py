@@ -825,19 +825,24 @@ class HeadImage(_Image):
             return super().transfers(transfers)
         if not any(is_write for is_write, _, _ in transfers):  # nothing to preserve or hold
             return aio.run(self._head, transfers)
-        begun, results = [], [0] * len(transfers)
         # The writes' chunks preserved at once, one pair of fdatasyncs for the batch
-        # (after a snapshot most writes have a chunk to preserve); if that fails, each
-        # write again on its own below, so that a failure fails only the writes it is of.
+        # (after a snapshot most writes have a chunk to preserve).
         try:
             self._begin_writes((offset, len(buffer)) for is_write, buffer, offset in transfers if is_write)
-            preserved = True
-        except OSError:
-            preserved = False
+        except OSError:  # each write again on its own, so that a failure fails only the writes it is of
+            return self._transfers_begun_each(aio, transfers)
+        try:
+            return self._whole_writes(transfers, aio.run(self._head, transfers))
+        finally:
+            self._end_write()  # once for the batch: it only lets the barrier go, and idempotently
+
+    def _transfers_begun_each(self, aio: AioContext, transfers: Sequence[Transfer]) -> list[int]:
+        """`transfers` with each write begun on its own: one that cannot be fails alone."""
+        begun, results = [], [0] * len(transfers)
         for index, (is_write, buffer, offset) in enumerate(transfers):
             # Once the barrier is held and no snapshot needs preserving, `_begin_write`
             # has nothing left to do for the batch's other writes.
-            if is_write and not preserved and (not self._barrier_held or self._newest is not None):
+            if is_write and (not self._barrier_held or self._newest is not None):
                 try:
                     self._begin_write(offset, len(buffer))
                 except OSError as error:
@@ -845,18 +850,23 @@ class HeadImage(_Image):
                     continue
             begun.append(index)
         try:
-            done = aio.run(self._head, [transfers[index] for index in begun])
-            for index, result in zip(begun, done):
-                is_write, buffer, offset = transfers[index]
-                if is_write and 0 <= result < len(buffer):  # short, as `pwritev` may be: begun already
-                    try:
-                        write_all(self._head, [buffer[result:]], offset + result)
-                        result = len(buffer)
-                    except OSError as error:
-                        result = -(error.errno or errno.EIO)
+            chosen = [transfers[index] for index in begun]
+            for index, result in zip(begun, self._whole_writes(chosen, aio.run(self._head, chosen))):
                 results[index] = result
         finally:
-            self._end_write()  # once for the batch: it only lets the barrier go, and idempotently
+            self._end_write()
+        return results
+
+    def _whole_writes(self, transfers: Sequence[Transfer], results: list[int]) -> list[int]:
+        """`results` of `transfers`, each short write (as `pwritev` may be, begun already)
+        written to its end or failed."""
+        for index, ((is_write, buffer, offset), result) in enumerate(zip(transfers, results)):
+            if is_write and 0 <= result < len(buffer):
+                try:
+                    write_all(self._head, [buffer[result:]], offset + result)
+                    results[index] = len(buffer)
+                except OSError as error:
+                    results[index] = -(error.errno or errno.EIO)
         return results
 
     def punch_hole(self, offset: int, length: int) -> None:

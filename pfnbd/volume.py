@@ -211,7 +211,9 @@ class EmulatedVolume:
         # Write data is the library's own copy from here on, as the real library's is
         # (its buffers are 128 KiB each; these are the write's size, so that 4 KiB
         # writes do not hold 128 KiB each).
-        data = memoryview(bytearray(iov[0]) if len(iov) == 1 else bytearray().join(iov))[:length]
+        data = memoryview(bytearray(iov[0]) if len(iov) == 1 else bytearray().join(iov))
+        if len(data) != length:  # iovecs longer than the length given: the library takes `length`
+            data = data[:length]
         self._queue.put(_Io("write", offset, length, data, callback, cbk_arg))
         return 0
 
@@ -737,8 +739,14 @@ class VolumeBridge:
         if not (length and self.whole_sectors(offset, length)) or (is_write and self._flush_failure):
             return False
         started = self._started
-        if length <= PF_MAX_IO_SIZE and not is_write:  # the commonest request: one submit, no span to unshare
-            started.append((buffer, offset, (on_done, token), False))
+        if length <= PF_MAX_IO_SIZE:  # the commonest requests: one submit
+            if not is_write:  # no span to unshare either
+                started.append((buffer, offset, (on_done, token), False))
+                return True
+            completion = _Callback(on_done, token, self._mutations, 1)
+            if not self._mutations.try_share(completion, offset, offset + length):
+                return False
+            started.append((buffer, offset, (completion.complete, 0), True))
             return True
         pieces = range(0, length, PF_MAX_IO_SIZE)
         completion = _Callback(on_done, token, self._mutations if is_write else None, len(pieces))
