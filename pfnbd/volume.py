@@ -739,21 +739,18 @@ class VolumeBridge:
         if not (length and self.whole_sectors(offset, length)) or (is_write and self._flush_failure):
             return False
         started = self._started
-        if length <= PF_MAX_IO_SIZE:  # the commonest requests: one submit
-            if not is_write:  # no span to unshare either
-                started.append((buffer, offset, (on_done, token), False))
-                return True
-            completion = _Callback(on_done, token, self._mutations, 1)
-            if not self._mutations.try_share(completion, offset, offset + length):
-                return False
-            started.append((buffer, offset, (completion.complete, 0), True))
+        if length <= PF_MAX_IO_SIZE and not is_write:  # the commonest request: one submit, no span to unshare
+            started.append((buffer, offset, (on_done, token), False))
             return True
-        pieces = range(0, length, PF_MAX_IO_SIZE)
-        completion = _Callback(on_done, token, self._mutations if is_write else None, len(pieces))
+        completion = _Callback(on_done, token, self._mutations if is_write else None, -(-length // PF_MAX_IO_SIZE))
         if is_write and not self._mutations.try_share(completion, offset, offset + length):
             return False
         cbk_arg = (completion.complete, 0)
-        started += [(buffer[start : start + PF_MAX_IO_SIZE], offset + start, cbk_arg, is_write) for start in pieces]
+        if length <= PF_MAX_IO_SIZE:  # one submit: the buffer as it is, not a slice of it
+            started.append((buffer, offset, cbk_arg, True))
+        else:
+            started += [(buffer[start : start + PF_MAX_IO_SIZE], offset + start, cbk_arg, is_write)
+                        for start in range(0, length, PF_MAX_IO_SIZE)]
         return True
 
     def submit_started(self) -> None:

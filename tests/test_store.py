@@ -31,6 +31,15 @@ def read(image, offset=0, length=SIZE):
     return bytes(buffer)
 
 
+def read_snapshot(store, name, length):
+    """The first `length` bytes of snapshot `name` (VOLUME@SNAP), opened for this alone."""
+    snap = store.open_image(name)
+    try:
+        return read(snap, 0, length)
+    finally:
+        snap.close()
+
+
 def test_a_snapshot_keeps_its_moment_while_the_volume_moves_on(store):
     rng = random.Random(3)
     head = store.open_image("v")
@@ -325,11 +334,7 @@ def test_a_batch_whose_snapshot_refresh_fails_writes_none_of_it_unpreserved(stor
         assert all(result < 0 for result in results), results
         head.idle()
         aside.rename(map_path)
-        snap = store.open_image("v@s1")
-        try:
-            assert read(snap, 0, 2 * CHUNK) == old
-        finally:
-            snap.close()
+        assert read_snapshot(store, "v@s1", 2 * CHUNK) == old
         with head.batch():
             assert head.transfers([(True, new, 0), (True, new, CHUNK)]) == [CHUNK, CHUNK]
     finally:
@@ -350,11 +355,7 @@ def test_a_batch_of_writes_preserves_its_chunks_with_one_pair_of_fdatasyncs(stor
             assert head.transfers([(True, new, chunk * CHUNK + 512) for chunk in range(8)]) == [4096] * 8
         monkeypatch.undo()
         assert len(synced) == 2, synced  # the snapshot's copies, then its map
-        snap = store.open_image("v@s1")
-        try:
-            assert read(snap, 0, 8 * CHUNK) == old
-        finally:
-            snap.close()
+        assert read_snapshot(store, "v@s1", 8 * CHUNK) == old
     finally:
         head.close()
 
@@ -380,10 +381,6 @@ def test_a_snapshot_delete_waits_for_the_writes_that_hold_the_barrier(store):
         head.idle()
         deleting.join(10)
         assert not deleting.is_alive()
-        kept = store.open_image("v@kept")
-        try:
-            assert read(kept, 0, 2 * CHUNK) == old
-        finally:
-            kept.close()
+        assert read_snapshot(store, "v@kept", 2 * CHUNK) == old
     finally:
         head.close()
