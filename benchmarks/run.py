@@ -591,7 +591,28 @@ def machine_lines() -> list[str]:
         f"kernel: {platform.system()} {platform.release()}; "
         f"Python: {platform.python_implementation()} {platform.python_version()} ({sys.executable}), "
         f"a 10-step loop in {interpreter_speed():.0f} ns",
+        host_settings_line(),
     ]
+
+
+# The host's settings that moved rows here by more than a round's spread
+# (benchmarks/README.md, "The twenty-first session"): the send buffer a client's Unix
+# socket gets (what it can queue before pfnbd drains it), and how long an idle guest
+# CPU polls before it halts (waking a halted one costs the hypervisor a round trip).
+SEND_BUFFER = Path("/proc/sys/net/core/wmem_default")
+HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
+def host_settings_line() -> str:
+    def read(path: Path) -> str | None:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return None
+
+    halt_poll = read(HALT_POLL)
+    return (f"host: a socket's default send buffer (net.core.wmem_default) {read(SEND_BUFFER) or 'unknown'} "
+            f"bytes; guest halt polling {'none (no cpuidle-haltpoll)' if halt_poll is None else halt_poll + ' ns'}")
 
 
 def interpreter_speed() -> float:

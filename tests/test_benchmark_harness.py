@@ -88,6 +88,8 @@ def test_quick_run_prints_a_ratio_for_every_workload(tmp_path: Path) -> None:
     assert re.search(r"^machine: .+, \d+ CPUs, load average [\d.]+ at the end, [\d.]+% of the CPUs' time stolen", result.stdout, re.MULTILINE), result.stdout
     assert re.search(r"^kernel: Linux .+; Python: CPython 3\..+, a 10-step loop in [1-9][0-9]* ns$",
                      result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^host: a socket's default send buffer \(net.core.wmem_default\) [1-9][0-9]* bytes; "
+                     r"guest halt polling (\d+ ns|none .*)$", result.stdout, re.MULTILINE), result.stdout
 
     assert list(tmp_path.iterdir()) == [], "the harness left files in its --workdir"
     assert processes_mentioning(str(tmp_path)) == [], "the harness left servers running"
