@@ -13,7 +13,8 @@
  * submitting thread on one CPU, the threads the library starts in pf_open_volume (some
  * at real-time priority, guarding queues with spin locks the submitter takes too) on the
  * others. Left where the scheduler put them, the library driven directly ran at a fifth
- * of this rate, slower than pfnbd driving it (benchmarks/README.md, "The real path"). */
+ * of this rate on an Intel Xeon VM, slower than pfnbd driving it (benchmarks/README.md,
+ * "The real path"). */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <dlfcn.h>
