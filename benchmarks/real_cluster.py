@@ -4,11 +4,13 @@
 
 Starts a single-node cluster with scripts/pureflash-cluster (build cached) under a fresh
 directory in --workdir (the tray gets 11 GB written: a real disk, not a tmpfs), creates a
-1 GiB volume, and per round runs each workload twice: `pf_loadgen` (benchmarks/
+1 GiB volume, and per round runs each workload three times: `pf_loadgen` (benchmarks/
 pf_loadgen.c, compiled here) on the library, and fio's nbd engine against `pfnbd serve
---backend pureflash`, both at the same block size and queue depth, each round in an
-order one place on from the last. Prints the medians
-and pfnbd / direct. With --baseline DIR, the pfnbd of another checkout (say, main before a
+--backend pureflash` and against nbdkit with benchmarks/nbdkit_pureflash.c (a C NBD
+server on the same library, compiled here), all at the same block size and queue depth,
+each round in an order one place on from the last. Prints the medians, each server /
+direct, and pfnbd / nbdkit: how far NBD itself (fio's engine, the socket, a server) is
+from the library driven directly, and how far pfnbd is from a C server. With --baseline DIR, the pfnbd of another checkout (say, main before a
 change) runs too, on the same cluster and volume in the same rounds, so that a change is
 compared within one run on a noisy machine. Stops the cluster and removes its tray at the end.
 """
@@ -34,6 +36,7 @@ CLUSTER = REPO_ROOT / "scripts" / "pureflash-cluster"
 VOLUME = "bench"
 VOLUME_SIZE = 1 << 30
 MIB = 1 << 20
+NBDKIT_HEADER = Path("/usr/include/nbdkit-plugin.h")
 
 
 @attrs.frozen
@@ -100,11 +103,29 @@ def start_pfnbd(directory: Path, library: str, repo: Path, label: str) -> tuple[
                                "--conf", str(directory / "pf.conf"), "--volume", VOLUME,
                                "--socket", str(socket)], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
+    return serving(server, socket, directory / f"{label}.log", "pfnbd serve")
+
+
+def start_nbdkit(directory: Path, library: str, plugin: Path) -> tuple[subprocess.Popen, str]:
+    """nbdkit serving the volume through the plugin, with a thread for each of fio's
+    32 requests in flight (its default is 16)."""
+    socket = directory / "nbdkit.sock"
+    log = open(directory / "nbdkit.log", "w")
+    server = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(socket), "--exportname", VOLUME,
+                               "--threads", "32", str(plugin), f"library={library}",
+                               f"conf={directory / 'pf.conf'}", f"volume={VOLUME}"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return serving(server, socket, directory / "nbdkit.log", "nbdkit")
+
+
+def serving(server: subprocess.Popen, socket: Path, log: Path, what: str) -> tuple[subprocess.Popen, str]:
+    """`server` and its export's URI once its socket is there; the run ends if it never comes."""
     deadline = time.monotonic() + 60
     while not socket.exists():
         if server.poll() is not None or time.monotonic() > deadline:
             server.kill()
-            sys.exit(f"real_cluster.py: pfnbd serve did not start: {last_line((directory / f'{label}.log').read_text())}")
+            sys.exit(f"real_cluster.py: {what} did not start: {last_line(log.read_text())}")
         time.sleep(0.05)
     return server, f"nbd+unix:///{VOLUME}?socket={socket}"
 
@@ -116,16 +137,21 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--baseline", type=Path, help="another pfnbd checkout to measure beside this one")
     options = parser.parse_args()
-    for tool in ("gcc", "fio"):
+    for tool in ("gcc", "fio", "nbdkit"):
         if shutil.which(tool) is None:
             sys.exit(f"real_cluster.py: missing tool: {tool}")
+    if not NBDKIT_HEADER.exists():
+        sys.exit(f"real_cluster.py: missing {NBDKIT_HEADER} (apt-get install nbdkit-plugin-dev)")
 
     build = Path(cluster("build").strip().splitlines()[-1])
     library = str(build / "lib" / "libs5common.so")
     directory = Path(tempfile.mkdtemp(prefix="pfnbd-real-bench-", dir=options.workdir))
     loadgen = directory / "pf_loadgen"
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(loadgen), str(Path(__file__).with_name("pf_loadgen.c")),
-                    "-ldl", "-lpthread"], check=True)
+    plugin = directory / "nbdkit-pureflash-plugin.so"
+    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", str(loadgen), str(Path(__file__).with_name("pf_loadgen.c")),
+                    "-ldl"], check=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-shared", "-fPIC", "-o", str(plugin),
+                    str(Path(__file__).with_name("nbdkit_pureflash.c")), "-ldl"], check=True)
     results: dict[tuple[str, str], list[float]] = {}
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
@@ -135,6 +161,7 @@ def main() -> None:
         servers["pfnbd"] = start_pfnbd(directory, library, REPO_ROOT, "pfnbd")
         if options.baseline:
             servers["baseline"] = start_pfnbd(directory, library, options.baseline.resolve(), "baseline")
+        servers["nbdkit"] = start_nbdkit(directory, library, plugin)
         # Written once end to end first, so reads do not meet never-written space.
         direct_iops(loadgen, library, directory / "pf.conf", WORKLOADS[3], max(10, options.runtime))
         columns = ["direct", *servers]
@@ -167,11 +194,12 @@ def main() -> None:
 
     print("\n".join(machine_lines()))
     print(f"{'workload':32} {'unit':6} " + " ".join(f"{name:>10}" for name in columns)
-          + " " + " ".join(f"{name + '/direct':>15}" for name in servers))
+          + " " + " ".join(f"{name + '/direct':>15}" for name in servers) + f" {'pfnbd/nbdkit':>13}")
     for workload in WORKLOADS:
         medians = {name: statistics.median(results[(workload.label, name)]) for name in columns}
         print(f"{workload.label:32} {workload.unit:6} " + " ".join(f"{medians[name]:10.1f}" for name in columns)
-              + " " + " ".join(f"{medians[name] / medians['direct']:15.2f}" for name in servers))
+              + " " + " ".join(f"{medians[name] / medians['direct']:15.2f}" for name in servers)
+              + f" {medians['pfnbd'] / medians['nbdkit']:13.2f}")
     print(f"medians of {options.rounds} rounds of {options.runtime} s each", file=sys.stderr)
 
 
