@@ -4,20 +4,18 @@ NBD messages have fixed headers and announced payload lengths, so both phases of
 connection read "exactly n bytes".  One receiver serves the whole connection so that
 bytes a client pipelined past the end of negotiation are not lost.
 
-On a socket both sides make the system calls on its descriptor themselves (`_Direct`):
-`readv` lands bytes in a reused buffer (or straight in a payload's), and `writev` sends
-a batch of replies as one list of buffers.  Any other trio stream (TLS; tests use memory
-streams) goes through trio's stream methods, a copy slower.
+On a socket both sides go to the socket itself: `recv_into` lands bytes in a reused
+buffer (or straight in a payload's), and `sendmsg` sends a batch of replies as one
+list of buffers.  Any other trio stream (tests use memory streams) works the same,
+a copy slower.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import trio
 
@@ -26,9 +24,8 @@ import trio
 RECEIVE_CHUNK = 256 * 1024
 # Payload remainders above this are received straight into the payload's own buffer.
 DIRECT_RECEIVE_THRESHOLD = 64 * 1024
-IOV_MAX = 1024  # buffers per writev (Linux's UIO_MAXIOV)
+IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
 COALESCE_LIMIT = 256 * 1024  # bytes joined into one send on streams without sendmsg
-YIELD_EVERY = 16  # socket calls in a row that may succeed with no schedule point (`_Direct`)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -52,54 +49,10 @@ def _stream_error(error: OSError) -> trio.BrokenResourceError | trio.ClosedResou
     return trio.BrokenResourceError(error)
 
 
-class _Direct:
-    """One direction's system calls on a trio socket's descriptor, with a schedule
-    point only where one is due.
-
-    trio's socket methods make a pass of its run loop after every call that succeeds.
-    A connection's reader and writer each give the loop its turn once a batch anyway
-    (the reader waits for the client's next requests, the writer parks until the next
-    completions), so those passes bought nothing: without them a 4 KiB read took 3-12%
-    less CPU (benchmarks/README.md, "The twenty-third session").  Here calls that
-    succeed yield once every YIELD_EVERY in a row that did not wait for the socket: a
-    client that keeps the socket full still lets the other tasks run.  (The reader
-    parks anyway once MAX_REQUESTS_IN_FLIGHT are unanswered, and the writer once it has
-    sent what had completed.)  Every call is a cancellation point, as trio's are.
-
-    The descriptor is asked of the socket at each call: once trio has closed it, that
-    is -1 and the call fails with EBADF, never reaching a descriptor reused since.
-    Owner: the one task of the connection that reads, or the one that writes."""
-
-    def __init__(self, socket: trio.socket.SocketType,
-                 wait: Callable[[trio.socket.SocketType], Any]) -> None:
-        self._socket = socket
-        self._wait = wait  # trio.lowlevel.wait_readable or wait_writable
-        self._unyielded = 0  # calls in a row that neither waited for the socket nor yielded
-
-    async def call(self, function: Callable[[int, Sequence[Buffer]], int], buffers: Sequence[Buffer]) -> int:
-        """`function(descriptor, buffers)` (os.readv, os.writev) once the socket is ready."""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                result = function(self._socket.fileno(), buffers)
-            except BlockingIOError:
-                await self._wait(self._socket)
-                self._unyielded = -1  # this call waited: the count starts again after it
-                continue
-            except OSError as error:
-                raise _stream_error(error) from error
-            self._unyielded += 1
-            if self._unyielded >= YIELD_EVERY:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                self._unyielded = 0
-            return result
-
-
 class Receiver:
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self._stream = stream
-        socket = _socket_of(stream)
-        self._direct = None if socket is None else _Direct(socket, trio.lowlevel.wait_readable)
+        self._socket = _socket_of(stream)
         self._buffer = bytearray(RECEIVE_CHUNK)
         self._view = memoryview(self._buffer)
         self._start = self._end = 0  # the unread bytes are _buffer[_start:_end]
@@ -107,8 +60,11 @@ class Receiver:
 
     async def _receive(self, target: memoryview) -> int:
         """One receive into `target`: how many bytes landed (0 at EOF)."""
-        if self._direct is not None:
-            return await self._direct.call(os.readv, [target])
+        if self._socket is not None:
+            try:
+                return await self._socket.recv_into(target)
+            except OSError as error:
+                raise _stream_error(error) from error
         data = await self._stream.receive_some(len(target))
         target[: len(data)] = data
         return len(data)
@@ -186,18 +142,20 @@ class Sender:
 
     def __init__(self, stream: trio.abc.SendStream) -> None:
         self._stream = stream
-        socket = _socket_of(stream)
-        self._direct = None if socket is None else _Direct(socket, trio.lowlevel.wait_writable)
+        self._socket = _socket_of(stream)
 
     async def send(self, buffers: Sequence[Buffer]) -> None:
-        if self._direct is None:  # TLS, or a test's stream: one send_all per run of small buffers
+        if self._socket is None:  # TLS, or a test's stream: one send_all per run of small buffers
             for run in _runs(buffers, COALESCE_LIMIT):
                 await self._stream.send_all(run[0] if len(run) == 1 else b"".join(run))
             return
         pending = list(buffers)
         while pending:
             batch = pending[:IOV_MAX]
-            sent = await self._direct.call(os.writev, batch)
+            try:
+                sent = await self._socket.sendmsg(batch)
+            except OSError as error:
+                raise _stream_error(error) from error
             # Mostly all of it went: then nothing needs walking through.
             pending = pending[IOV_MAX:] if sent == sum(map(len, batch)) else _drop_sent(pending, sent)
 

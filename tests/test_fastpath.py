@@ -1,6 +1,5 @@
 """The data path built for speed: its memory bound, and the pieces it is made of."""
 
-import os
 import re
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ import trio.testing
 
 from conftest import run_libnbd
 from fuzz.nbdwire import Cmd, NbdClient, Pending, pattern, request_header
-from pfnbd.streams import YIELD_EVERY, Receiver, Sender, _drop_sent, _Direct, _runs
+from pfnbd.streams import Receiver, Sender, _drop_sent, _runs
 from pfnbd.transmission import BufferPool
 from pfnbd.volume import RangeLock
 
@@ -192,64 +191,6 @@ def test_receiver_and_sender_over_a_stream_without_sendmsg(chunk):
             small = memoryview(bytearray(8))
             await receiver.receive_into(small)
             assert bytes(small) == b"tail" * 2
-
-    trio.run(main)
-
-
-def test_socket_calls_that_never_wait_still_let_other_tasks_run():
-    """A client that keeps the socket full must not starve the other connections: a
-    run of receives that all succeed at once yields at least every YIELD_EVERY."""
-
-    async def main():
-        ours, theirs = trio.socket.socketpair()
-        with ours, theirs:
-            await theirs.send(b"x" * 4096)
-            direct = _Direct(ours, trio.lowlevel.wait_readable)
-            ticks = 0
-
-            async def other_task():
-                nonlocal ticks
-                while True:
-                    ticks += 1
-                    await trio.lowlevel.checkpoint()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(other_task)
-                await trio.lowlevel.checkpoint()  # it runs, and runs again at each of ours
-                before = ticks
-                for _ in range(4 * YIELD_EVERY):  # a byte each: every call finds data
-                    assert await direct.call(os.readv, [memoryview(bytearray(1))]) == 1
-                assert ticks - before >= 4
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
-
-
-def test_a_socket_call_that_need_not_wait_is_still_a_cancellation_point():
-    async def main():
-        ours, theirs = trio.socket.socketpair()
-        with ours, theirs:
-            await theirs.send(b"data")
-            direct = _Direct(ours, trio.lowlevel.wait_readable)
-            target = memoryview(bytearray(4))
-            with trio.CancelScope() as scope:
-                scope.cancel()
-                await direct.call(os.readv, [target])
-            assert scope.cancelled_caught
-            assert bytes(target) == bytes(4)  # nothing was taken from the socket
-            assert await direct.call(os.readv, [target]) == 4 and target == b"data"
-
-    trio.run(main)
-
-
-def test_a_socket_call_after_the_socket_is_closed_is_refused_not_made():
-    async def main():
-        ours, theirs = trio.socket.socketpair()
-        with theirs:
-            direct = _Direct(ours, trio.lowlevel.wait_writable)
-            ours.close()
-            with pytest.raises(trio.ClosedResourceError):
-                await direct.call(os.writev, [b"late"])
 
     trio.run(main)
 
