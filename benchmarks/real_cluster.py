@@ -4,15 +4,16 @@
 
 Starts a single-node cluster with scripts/pureflash-cluster (build cached) under a fresh
 directory in --workdir (the tray gets 11 GB written: a real disk, not a tmpfs), creates a
-1 GiB volume, and per round runs each workload three times: `pf_loadgen` (benchmarks/
+1 GiB volume, and per round runs each workload once per column: `pf_loadgen` (benchmarks/
 pf_loadgen.c, compiled here) on the library, and fio's nbd engine against `pfnbd serve
 --backend pureflash` and against nbdkit with benchmarks/nbdkit_pureflash.c (a C NBD
 server on the same library, compiled here), all at the same block size and queue depth,
 each round in an order one place on from the last. Prints the medians, each server /
 direct, and pfnbd / nbdkit: how far NBD itself (fio's engine, the socket, a server) is
-from the library driven directly, and how far pfnbd is from a C server. With --baseline DIR, the pfnbd of another checkout (say, main before a
-change) runs too, on the same cluster and volume in the same rounds, so that a change is
-compared within one run on a noisy machine. Stops the cluster and removes its tray at the end.
+from the library driven directly, and how far pfnbd is from a C server. With --baseline
+DIR, the pfnbd of another checkout (say, main before a change) runs too, on the same
+cluster and volume in the same rounds, so that a change is compared within one run on a
+noisy machine. Stops the cluster and removes its tray at the end.
 """
 
 from __future__ import annotations
@@ -109,14 +110,13 @@ def start_pfnbd(directory: Path, library: str, repo: Path, label: str) -> tuple[
 def start_nbdkit(directory: Path, library: str, plugin: Path) -> tuple[subprocess.Popen, str]:
     """nbdkit serving the volume through the plugin, with a thread for each of fio's
     32 requests in flight (its default is 16)."""
-    socket = directory / "nbdkit.sock"
-    log = open(directory / "nbdkit.log", "w")
-    server = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(socket), "--exportname", VOLUME,
-                               "--threads", "32", str(plugin), f"library={library}",
-                               f"conf={directory / 'pf.conf'}", f"volume={VOLUME}"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    return serving(server, socket, directory / "nbdkit.log", "nbdkit")
+    socket, log = directory / "nbdkit.sock", directory / "nbdkit.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(socket), "--exportname", VOLUME,
+                                   "--threads", "32", str(plugin), f"library={library}",
+                                   f"conf={directory / 'pf.conf'}", f"volume={VOLUME}"],
+                                  stdout=output, stderr=subprocess.STDOUT)
+    return serving(server, socket, log, "nbdkit")
 
 
 def serving(server: subprocess.Popen, socket: Path, log: Path, what: str) -> tuple[subprocess.Popen, str]:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
-from conftest import require, run
+from conftest import require, run, wait_for_socket
 from test_pureflash import cluster, fake_library  # noqa: F401  (fixtures)
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -65,17 +64,15 @@ def test_nbdkit_plugin_serves_the_volume_through_the_library(cluster, tmp_path):
     source = tmp_path / "source"
     source.write_bytes(os.urandom(size))
     socket = tmp_path / "nbdkit.sock"
-    server = subprocess.Popen(
-        ["nbdkit", "--foreground", "--unix", str(socket), "--exportname", "bench", "--threads", "32", str(plugin),
-         f"library={cluster.library}", f"conf={cluster.conf()}", "volume=bench"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "nbdkit.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            ["nbdkit", "--foreground", "--unix", str(socket), "--exportname", "bench", "--threads", "32",
+             str(plugin), f"library={cluster.library}", f"conf={cluster.conf()}", "volume=bench"],
+            stdout=output, stderr=subprocess.STDOUT, text=True)
     uri = f"nbd+unix:///bench?socket={socket}"
     try:
-        deadline = time.monotonic() + 30
-        while not socket.exists():
-            assert server.poll() is None, server.stderr.read()
-            assert time.monotonic() < deadline, "nbdkit did not start"
-            time.sleep(0.05)
+        wait_for_socket(server, socket, log)
         assert run("nbdinfo", "--size", uri).stdout.strip() == str(size)
         run("nbdcopy", "--no-extents", str(source), uri, timeout=120)
         assert image.read_bytes() == source.read_bytes()
